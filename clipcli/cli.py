@@ -1,0 +1,379 @@
+"""The `clip` command: parse options, call one pipeline function, render with output.py, choose the exit code.
+One handler maps ClipError to a one-line message (exit 2) and interruption to 130/143. Heavy imports stay inside
+commands so `clip --help` is fast."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from clipcli.errors import ClipError, InputError, UsageError
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"  # also resolve.DEFAULT_MODEL; kept here to keep --help light
+
+app = typer.Typer(
+    name="clip",
+    help="Zero-shot image classification and embeddings with CLIP.\n\n"
+    "Examples:\n\n"
+    "  clip classify photos/ --labels cat,dog,car\n\n"
+    "  clip embed photos/ -o emb.npy\n\n"
+    "  clip convert-weights ViT-B-32.pt converted/",
+    rich_markup_mode=None,  # plain-text usage errors ending in one "Error: ..." line
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like KeyboardInterrupt so temp files are cleaned up, then exit 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _eprint(message: str) -> None:
+    from clipcli.output import display_path
+
+    print(display_path(message), file=sys.stderr, flush=True)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Run a command: ClipError -> 'error: ...' + exit 2, Ctrl-C -> 130, SIGTERM -> 143; warnings silenced."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        debug = bool(kwargs.get("debug"))
+        try:
+            with warnings.catch_warnings():
+                if not debug:
+                    warnings.simplefilter("ignore")
+                command(*args, **kwargs)
+        except UsageError as err:
+            if debug:
+                raise
+            _eprint(f"error: {err}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _eprint("interrupted; no output was written")
+            raise typer.Exit(130) from None
+        except Terminated:
+            _eprint("terminated; no output was written")
+            raise typer.Exit(143) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"clip {version('clipcli')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                         help="Show the version and exit.")] = False,
+) -> None:
+    """Zero-shot image classification and embeddings with CLIP."""
+
+
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", envvar="CLIP_MODEL",
+    help="Hugging Face CLIP directory, OpenAI-format .pt checkpoint, or Hub id.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")]
+DtypeOpt = Annotated[str, typer.Option(
+    help="auto (fp32 on CPU, identical to the reference; fp16 on CUDA), fp32, fp16 or bf16.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=1, help="Image decoding threads (default: one per CPU core).")]
+FastOpt = Annotated[bool, typer.Option(
+    "--fast-decode", help="Decode large JPEGs at reduced scale before the exact resize (faster, near-identical).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+PathsArg = Annotated[list[str], typer.Argument(help="Image files and/or folders (walked recursively).",
+                                               show_default=False)]
+
+
+@app.command()
+@handle_errors
+def classify(
+    paths: PathsArg,
+    labels: Annotated[Optional[str], typer.Option("--labels", "-l", help="Comma-separated labels: cat,dog,car.")] = None,
+    labels_file: Annotated[Optional[Path], typer.Option(help="File with one label per line.")] = None,
+    template: Annotated[Optional[list[str]], typer.Option(
+        "--template", "-t", help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
+    templates: Annotated[Optional[str], typer.Option(help="A named template set: imagenet (the CLIP paper's 80).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image.")] = 5,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or jsonl.")] = "table",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here (default stdout).")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score images against labels: which words fit which images.
+
+    Examples:
+
+      clip classify photos/ --labels cat,dog,car
+
+      clip classify a.jpg b.png -l cat,dog --templates imagenet -f jsonl -o out.jsonl
+    """
+    from clipcli import output as out
+    from clipcli import pipeline
+
+    if fmt not in out.FORMATS:
+        raise UsageError(f"unknown --format '{fmt}'; use one of {', '.join(out.FORMATS)}")
+    label_list = _read_labels(labels, labels_file)
+    prompt_templates = _templates(template, templates)
+    if output is not None:
+        out.check_writable(output)
+    images, failures = pipeline.find_images(paths)
+    clip = _load(model, device, dtype)
+    for label in label_list:
+        if any(clip.tokenizer.is_truncated(t.replace("{}", label)) for t in prompt_templates):
+            _eprint(f"warning: label '{label}' is longer than the model's {clip.tokenizer.context_length}-token "
+                    "context and was truncated")
+    found_paths: list[str] = []
+    rows = []
+    with _progress(len(images), quiet) as advance:
+        for batch in pipeline.classify(clip, images, label_list, prompt_templates, batch_size, workers, fast_decode,
+                                       on_failure=failures.append, progress=advance):
+            found_paths.extend(batch.paths)
+            rows.append(batch.rows)
+    import numpy as np
+
+    probs = np.concatenate(rows) if rows else np.zeros((0, len(label_list)), dtype=np.float32)
+    text = out.render(out.records(found_paths, probs, label_list, top_k), label_list, fmt,
+                      color=output is None and fmt == "table" and sys.stdout.isatty())
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        out.write_text(output, text)
+    _finish(failures)
+
+
+@app.command()
+@handle_errors
+def embed(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders.", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .npy to write; PATHS go to <name>.paths.txt.")] = Path("embeddings.npy"),
+    text: Annotated[Optional[list[str]], typer.Option("--text", help="Embed this text instead of images (repeatable).")] = None,
+    text_file: Annotated[Optional[Path], typer.Option(help="Embed each line of this file (blank lines skipped).")] = None,
+    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Raw projected features, not L2-normalised.")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write embeddings: float32 (N, D) .npy plus a .paths.txt sidecar (line i names row i).
+
+    Examples:
+
+      clip embed photos/ -o emb.npy
+
+      clip embed --text "a cat" --text "a dog" -o text.npy
+    """
+    from clipcli import output as out
+    from clipcli import pipeline
+
+    texts = list(text or []) + (_read_lines(text_file, "--text-file") if text_file else [])
+    if (text or text_file) and paths:
+        raise UsageError("give image PATHs or --text/--text-file, not both")
+    if not (text or text_file) and not paths:
+        raise UsageError("nothing to embed; pass image files/folders, or --text TEXT")
+    if (text or text_file) and not texts:
+        raise UsageError(f"{text_file} has no text lines; put one text per line")
+    out.check_writable(output)
+    failures: list = []
+    images: list[str] = []
+    if not texts:
+        images, failures = pipeline.find_images(paths or [])
+    clip = _load(model, device, dtype)
+    writer = out.EmbeddingWriter(output)
+    try:
+        if texts:
+            for batch in pipeline.embed_texts(clip, texts, normalized=not no_normalize):
+                writer.add(batch.paths, batch.rows)
+        else:
+            with _progress(len(images), quiet) as advance:
+                for batch in pipeline.embed_images(clip, images, not no_normalize, batch_size, workers, fast_decode,
+                                                   on_failure=failures.append, progress=advance):
+                    writer.add(batch.paths, batch.rows)
+        writer.close(clip.config.projection_dim)
+    except BaseException:
+        writer.abort()
+        raise
+    _finish(failures)
+
+
+@app.command("convert-weights")
+@handle_errors
+def convert_weights(
+    src: Annotated[str, typer.Argument(help="OpenAI/OpenCLIP checkpoint, or a Hugging Face CLIP directory/file.")],
+    dst: Annotated[Path, typer.Argument(help="Directory to write in Hugging Face CLIP layout.")],
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16 for the saved weights.")] = "fp32",
+    activation: Annotated[Optional[str], typer.Option(
+        help="Activation for weights without a config: quick_gelu (OpenAI) or gelu (some OpenCLIP models).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty DST.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a checkpoint to a Hugging Face CLIP directory that clip and transformers both load.
+
+    Example:
+
+      clip convert-weights ViT-B-32.pt clip-vit-b-32/ --dtype fp16
+    """
+    from clipcli.loader import convert
+
+    written = convert(src, dst, dtype=dtype, hidden_act=activation, force=force)
+    _eprint(f"wrote {written}")
+
+
+@app.command()
+@handle_errors
+def info(
+    model: Annotated[str, typer.Argument(envvar="CLIP_MODEL", help="Directory, checkpoint file or Hub id.")] = DEFAULT_MODEL,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    debug: DebugOpt = False,
+) -> None:
+    """Describe a model: architecture, parameters, dtype, image size, context length, source."""
+    clip = _load(model, device, dtype)
+    config = clip.config
+    params = sum(p.numel() for p in clip.model.parameters())
+    vision, text = config.vision, config.text
+    lines = [
+        ("source", clip.source),
+        ("architecture", f"ViT-{vision.patch_size} vision ({vision.num_hidden_layers} layers, width "
+                         f"{vision.hidden_size}, {vision.num_attention_heads} heads) + text transformer "
+                         f"({text.num_hidden_layers} layers, width {text.hidden_size}, {text.num_attention_heads} heads)"),
+        ("parameters", f"{params:,}"),
+        ("embedding dim", str(config.projection_dim)),
+        ("image size", f"{vision.image_size}x{vision.image_size}"),
+        ("context length", str(text.max_position_embeddings)),
+        ("vocab size", str(text.vocab_size)),
+        ("activation", vision.hidden_act if vision.hidden_act == text.hidden_act
+         else f"{vision.hidden_act} (vision), {text.hidden_act} (text)"),
+        ("dtype", str(clip.dtype).removeprefix("torch.")),
+        ("device", str(clip.device)),
+    ]
+    for key, value in lines:
+        typer.echo(f"{key + ':':<16}{value}")
+
+
+def _load(model: str, device: str, dtype: str):  # -> loader.Clip
+    from clipcli.loader import load
+
+    return load(model, device=device, dtype=dtype)
+
+
+def _read_lines(path: Path, option: str) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{option} '{path}' does not exist; give a text file, one item per line") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read {option} '{path}': {getattr(err, 'strerror', None) or err}; "
+                         "give a UTF-8 text file") from None
+    return [line.strip() for line in raw.splitlines() if line.strip()]
+
+
+def _read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
+    if labels is not None and labels_file is not None:
+        raise UsageError("give --labels or --labels-file, not both")
+    if labels_file is not None:
+        items = _read_lines(labels_file, "--labels-file")
+    else:
+        items = [item.strip() for item in (labels or "").split(",") if item.strip()]
+    if not items:
+        raise UsageError("no labels; pass --labels cat,dog,car or --labels-file FILE (one label per line)")
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            raise UsageError(f"label '{item}' is given twice; list each label once")
+        seen.add(item)
+    return items
+
+
+def _templates(template: list[str] | None, templates: str | None) -> list[str]:
+    from clipcli.templates import TEMPLATE_SETS
+
+    chosen = list(template or [])
+    if templates is not None:
+        if templates not in TEMPLATE_SETS:
+            raise UsageError(f"unknown --templates '{templates}'; use one of {', '.join(TEMPLATE_SETS)}")
+        chosen += TEMPLATE_SETS[templates]
+    return chosen or ["a photo of a {}."]
+
+
+class _progress:
+    """A rich progress bar on stderr (images/s, ETA), hidden when stderr is no terminal or with --quiet."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.enabled = not quiet and total > 0 and sys.stderr.isatty()
+        self.total = total
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                                   TimeRemainingColumn)
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:.1f} img/s" if speed else "")
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            Rate(), TimeRemainingColumn(),
+                            console=Console(file=sys.stderr), transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("images", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+def _finish(failures: list) -> None:
+    for failure in failures:
+        _eprint(f"{failure.path}: {failure.reason}")
+    if failures:
+        _eprint(f"{len(failures)} input(s) failed; the others were processed")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console entry point."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    app(prog_name="clip")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Assemble a ready-to-run CLIP (model, tokenizer, preprocessing) from resolved model files, and choose the
+device and dtype once. Reading and key mapping live in weights.py; this module only puts the pieces together."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clipcli.config import CLIPConfig
+from clipcli.errors import UsageError
+from clipcli.model import CLIPModel
+from clipcli.preprocess import PreprocessConfig
+from clipcli.resolve import DEFAULT_MODEL, WEIGHT_FILES, ModelFiles, resolve
+from clipcli.tokenizer import ClipTokenizer
+from clipcli.weights import (build_model, hf_to_openai, is_openai_layout, openai_to_hf, read_state_dict,
+                             write_hf_directory)
+
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A loaded CLIP: the network on its device and dtype, its tokenizer and its image preprocessing."""
+
+    model: CLIPModel
+    tokenizer: ClipTokenizer
+    preprocess: PreprocessConfig
+    source: str  # where it was loaded from, for people
+
+    @property
+    def config(self) -> CLIPConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.visual_projection.weight.dtype
+
+
+def load(
+    model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", hidden_act: str | None = None,
+    offline: bool = False,
+) -> Clip:
+    """Load `model` (directory, checkpoint file or Hub id) onto `device` in `dtype`; UsageError when it cannot be."""
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target_device)
+    files = resolve(model, offline=offline)
+    config, state = read_model(files, hidden_act)
+    clip_model = build_model(config, state).to(device=target_device, dtype=target_dtype)
+    return Clip(clip_model, read_tokenizer(files, config), read_preprocess(files, config), _describe(files))
+
+
+def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
+    """Config and state dict (transformers' key names, stored dtype) of resolved model files."""
+    if files.directory is not None:
+        config = CLIPConfig.from_dict(_read_json(files.directory / "config.json"))
+        weights = next(files.directory / n for n in WEIGHT_FILES if (files.directory / n).is_file())
+        state = read_state_dict(weights)
+        return config, openai_to_hf(state) if is_openai_layout(state) else state
+    state = read_state_dict(files.checkpoint)
+    act = hidden_act or "quick_gelu"  # OpenAI's weights were trained with QuickGELU
+    if is_openai_layout(state):
+        config = CLIPConfig.from_state_dict_shapes(_shapes(state), hidden_act=act)
+        return config, openai_to_hf(state)
+    # A bare transformers state dict without config.json: infer the config from the same shapes.
+    config = CLIPConfig.from_state_dict_shapes(_shapes(hf_to_openai(state)), hidden_act=act)
+    return config, state
+
+
+def read_tokenizer(files: ModelFiles, config: CLIPConfig) -> ClipTokenizer:
+    """The model directory's tokenizer files, else the bundled OpenAI CLIP BPE."""
+    context_length = config.text.max_position_embeddings
+    directory = files.directory
+    if directory is not None and any((directory / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+        return ClipTokenizer.from_files(directory, context_length)
+    return ClipTokenizer.bundled(context_length)
+
+
+def read_preprocess(files: ModelFiles, config: CLIPConfig) -> PreprocessConfig:
+    """preprocessor_config.json when the directory has one, else CLIP's defaults at the model's image size."""
+    if files.directory is not None and (files.directory / "preprocessor_config.json").is_file():
+        return PreprocessConfig.from_json(_read_json(files.directory / "preprocessor_config.json"))
+    return PreprocessConfig.for_image_size(config.vision.image_size)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; an explicit device that is absent is a UsageError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu or auto")
+        return torch.device(name)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError("--device mps was asked for but Apple's MPS is not available; use --device cpu or auto")
+        return torch.device("mps")
+    raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or mps")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> float32 on CPU/MPS (reference-identical), float16 on CUDA; fp32/fp16/bf16 as asked."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype '{name}'; use auto, fp32, fp16 or bf16")
+    return DTYPE_NAMES[name]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read ({err.__class__.__name__}); check the file") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}; fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object; fix or re-download it")
+    return data
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _describe(files: ModelFiles) -> str:
+    where = files.directory if files.directory is not None else files.checkpoint
+    return files.spec if str(where) == files.spec else f"{files.spec} ({where})"
+
+
+def convert(src: str, dst: Path, dtype: str = "fp32", hidden_act: str | None = None, force: bool = False) -> Path:
+    """Write `src` (checkpoint file, HF directory or Hub id) to `dst` in Hugging Face CLIP layout; returns dst."""
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype '{dtype}'; use fp32, fp16 or bf16")
+    files = resolve(src)
+    config, state = read_model(files, hidden_act)
+    build_model(config, state)  # every key and shape checked before anything is written
+    tokenizer = read_tokenizer(files, config)
+    preprocess = read_preprocess(files, config)
+
+    def extra_files(directory: Path) -> None:
+        tokenizer.save(directory)
+        text = json.dumps(preprocess.to_json(), indent=2)
+        (directory / "preprocessor_config.json").write_text(text + "\n", encoding="utf-8")
+
+    write_hf_directory(Path(dst), config, state, DTYPE_NAMES[dtype], extra_files, force=force)
+    return Path(dst)

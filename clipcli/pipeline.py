@@ -1,0 +1,255 @@
+"""classify() and embed() over a loaded Clip: find images, decode them in parallel ahead of the model, run batches,
+return data (numpy float32, paths, failures). Never formats text or writes files; that is output.py's job."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipcli.errors import InputError, UsageError
+from clipcli.loader import Clip
+from clipcli.preprocess import load_image, preprocess, to_rgb
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+Progress = Callable[[int], None]  # called with the number of inputs just finished
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that could not be processed, and why (one short line)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Results for consecutive inputs: `rows` holds one float32 row per path (features or probabilities)."""
+
+    paths: list[str]
+    rows: np.ndarray
+
+
+def find_images(inputs: Sequence[str]) -> tuple[list[str], list[Failure]]:
+    """Files as given plus image files found under folders (recursively, hidden entries skipped), sorted.
+
+    Each real directory is visited once, so symlink loops end. A missing input is a UsageError."""
+    for name in inputs:
+        if not os.path.lexists(name):
+            raise UsageError(f"path '{name}' does not exist; pass image files or folders")
+    found: set[str] = set()
+    failures: list[Failure] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    for name in inputs:
+        if os.path.isdir(name):
+            _walk(name, found, failures, seen_dirs)
+        else:
+            found.add(name)  # named explicitly: tried whatever its extension, so a bad file gets a reason
+    return sorted(found), sorted(failures, key=lambda f: f.path)
+
+
+def _walk(directory: str, found: set[str], failures: list[Failure], seen: set[tuple[int, int]]) -> None:
+    try:
+        info = os.stat(directory)
+    except OSError as err:
+        failures.append(Failure(directory, _os_reason(err)))
+        return
+    key = (info.st_dev, info.st_ino)
+    if key in seen:
+        return
+    seen.add(key)
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as err:
+        failures.append(Failure(directory, _os_reason(err)))
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir()  # follows symlinks: a linked folder is walked, a loop ends at `seen`
+        except OSError as err:
+            failures.append(Failure(entry.path, _os_reason(err)))
+            continue
+        if is_dir:
+            _walk(entry.path, found, failures, seen)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                failures.append(Failure(entry.path, "broken symbolic link"))
+            else:
+                found.add(entry.path)
+
+
+def _os_reason(err: OSError) -> str:
+    return err.strerror.lower() if err.strerror else type(err).__name__
+
+
+def decode_images(
+    clip: Clip, paths: Sequence[str], workers: int | None = None, draft: bool = False,
+) -> Iterator[tuple[str, torch.Tensor | Failure]]:
+    """(path, (3, H, W) float32 pixels or Failure) in input order, decoded by `workers` threads ahead of use.
+
+    At most a few dozen decoded images wait at a time, so memory does not grow with the number of paths."""
+    config = clip.preprocess
+    draft_size = config.draft_size if draft else None
+    workers = workers or max(os.cpu_count() or 1, 1)
+
+    def work(path: str) -> torch.Tensor | Failure:
+        try:
+            return preprocess(load_image(Path(path), draft_size=draft_size), config)
+        except InputError as err:
+            return Failure(path, str(err))
+
+    window = max(4 * workers, 16)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-decode") as pool:
+        pending: deque[tuple[str, Future]] = deque()
+        todo = iter(paths)
+        try:
+            for path in todo:
+                pending.append((path, pool.submit(work, path)))
+                if len(pending) >= window:
+                    done_path, future = pending.popleft()
+                    yield done_path, future.result()
+            while pending:
+                done_path, future = pending.popleft()
+                yield done_path, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def image_features(
+    clip: Clip, paths: Sequence[str], batch_size: int = 32, workers: int | None = None, draft: bool = False,
+    on_failure: Callable[[Failure], None] | None = None, progress: Progress | None = None,
+) -> Iterator[Batch]:
+    """Batches of raw projected image features, (B, D) float32, for the paths that decode; failures reported."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    names: list[str] = []
+    pixels: list[torch.Tensor] = []
+    for path, item in decode_images(clip, paths, workers=workers, draft=draft):
+        if isinstance(item, Failure):
+            if on_failure:
+                on_failure(item)
+            if progress:
+                progress(1)
+            continue
+        names.append(path)
+        pixels.append(item)
+        if len(pixels) == batch_size:
+            yield Batch(names, _encode_pixels(clip, pixels))
+            if progress:
+                progress(len(names))
+            names, pixels = [], []
+    if pixels:
+        yield Batch(names, _encode_pixels(clip, pixels))
+        if progress:
+            progress(len(names))
+
+
+def _encode_pixels(clip: Clip, pixels: list[torch.Tensor]) -> np.ndarray:
+    batch = torch.stack(pixels)  # (B, 3, H, W) float32
+    if clip.device.type == "cuda":
+        batch = batch.pin_memory()
+    batch = batch.to(device=clip.device, dtype=clip.dtype, non_blocking=True)
+    with torch.inference_mode():
+        return clip.model.encode_image(batch).float().cpu().numpy()
+
+
+def text_features(clip: Clip, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """(N, D) float32 raw projected text features; each batch is padded to its longest text, not to 77."""
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        ids = clip.tokenizer.encode(texts[start:start + batch_size]).to(clip.device)  # (B, T) int64
+        with torch.inference_mode():
+            rows.append(clip.model.encode_text(ids).float().cpu().numpy())
+    width = clip.config.projection_dim
+    return np.concatenate(rows) if rows else np.zeros((0, width), dtype=np.float32)
+
+
+def normalize(rows: np.ndarray) -> np.ndarray:
+    """L2-normalise each row (float32); an all-zero row stays zero."""
+    norms = np.linalg.norm(rows, axis=-1, keepdims=True)
+    return (rows / np.where(norms == 0, 1, norms)).astype(np.float32)
+
+
+def label_embeddings(clip: Clip, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """(L, D) float32 unit vectors: per label, the mean of its normalised template embeddings, re-normalised."""
+    if not labels:
+        raise UsageError("no labels; pass --labels cat,dog or --labels-file FILE")
+    if not templates:
+        raise UsageError("no templates; pass --template 'a photo of a {}.' or omit it for the default")
+    for template in templates:
+        if "{}" not in template:
+            raise UsageError(f"template '{template}' has no {{}} where the label goes; e.g. 'a photo of a {{}}.'")
+    prompts = [template.replace("{}", label) for label in labels for template in templates]
+    features = normalize(text_features(clip, prompts)).reshape(len(labels), len(templates), -1)
+    return normalize(features.mean(axis=1))
+
+
+def scores(clip: Clip, image_rows: np.ndarray, label_rows: np.ndarray) -> np.ndarray:
+    """(N, L) float32 probabilities: softmax over labels of logit_scale.exp() * cosine, as logits_per_image."""
+    scale = float(clip.model.logit_scale.float().exp())
+    logits = torch.from_numpy(normalize(image_rows) @ label_rows.T) * scale
+    return logits.softmax(dim=-1).numpy()
+
+
+def classify(
+    clip: Clip, paths: Sequence[str], labels: Sequence[str], templates: Sequence[str] = (DEFAULT_TEMPLATE,),
+    batch_size: int = 32, workers: int | None = None, draft: bool = False,
+    on_failure: Callable[[Failure], None] | None = None, progress: Progress | None = None,
+) -> Iterator[Batch]:
+    """Batches of (B, L) label probabilities for the images that decode, in input order."""
+    label_rows = label_embeddings(clip, labels, templates)  # encoded once per run
+    for batch in image_features(clip, paths, batch_size, workers, draft, on_failure, progress):
+        yield Batch(batch.paths, scores(clip, batch.rows, label_rows))
+
+
+def embed_images(
+    clip: Clip, paths: Sequence[str], normalized: bool = True, batch_size: int = 32, workers: int | None = None,
+    draft: bool = False, on_failure: Callable[[Failure], None] | None = None, progress: Progress | None = None,
+) -> Iterator[Batch]:
+    """Batches of (B, D) float32 image embeddings, L2-normalised unless `normalized` is False."""
+    for batch in image_features(clip, paths, batch_size, workers, draft, on_failure, progress):
+        yield Batch(batch.paths, normalize(batch.rows) if normalized else batch.rows)
+
+
+def embed_texts(clip: Clip, texts: Sequence[str], normalized: bool = True, batch_size: int = 256) -> Iterable[Batch]:
+    """One batch of (N, D) float32 text embeddings (no template), L2-normalised unless `normalized` is False."""
+    rows = text_features(clip, texts, batch_size)
+    return [Batch(list(texts), normalize(rows) if normalized else rows)]
+
+
+def encode_images(clip: Clip, images: Sequence[str | Path | Image.Image], normalized: bool = True,
+                  batch_size: int = 32) -> np.ndarray:
+    """Scripting API: image paths or PIL images -> (N, D) float32 embeddings; an unreadable file raises InputError."""
+    def pixels(item: str | Path | Image.Image) -> torch.Tensor:
+        image = item if isinstance(item, Image.Image) else load_image(Path(item))
+        return preprocess(to_rgb(image), clip.preprocess)
+
+    rows = [_encode_pixels(clip, [pixels(i) for i in images[start:start + batch_size]])
+            for start in range(0, len(images), batch_size)]
+    features = np.concatenate(rows) if rows else np.zeros((0, clip.config.projection_dim), dtype=np.float32)
+    return normalize(features) if normalized else features
+
+
+def encode_texts(clip: Clip, texts: Sequence[str], normalized: bool = True) -> np.ndarray:
+    """Scripting API: texts -> (N, D) float32 embeddings (no template)."""
+    features = text_features(clip, texts)
+    return normalize(features) if normalized else features
+
+
+def zero_shot(clip: Clip, images: Sequence[str | Path | Image.Image], labels: Sequence[str],
+              templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> np.ndarray:
+    """Scripting API: (N, L) float32 label probabilities for images (paths or PIL images)."""
+    return scores(clip, encode_images(clip, images, normalized=False), label_embeddings(clip, labels, templates))

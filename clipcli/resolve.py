@@ -1,0 +1,104 @@
+"""Turn a `--model` value (local directory, checkpoint file, or Hugging Face Hub id) into local files, or raise a
+UsageError that says how to supply a model. The only module that talks to the Hub."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipcli.errors import UsageError
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+OPTIONAL_FILES = (*TOKENIZER_FILES, "preprocessor_config.json")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's files are: a Hugging Face layout directory, or a single checkpoint file."""
+
+    spec: str  # what the user gave
+    directory: Path | None  # HF layout: config.json, weights, tokenizer/preprocessor files
+    checkpoint: Path | None  # a single file: OpenAI/OpenCLIP format, or an HF state dict without config
+
+
+def resolve(spec: str, offline: bool = False) -> ModelFiles:
+    """Local directory, local file, or Hub id (cache first, then download unless offline) -> ModelFiles."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ModelFiles(spec, _check_directory(path), None)
+    if path.is_file():
+        return ModelFiles(spec, None, path)
+    if path.exists():
+        raise UsageError(f"model '{spec}' is neither a regular file nor a directory")
+    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(CHECKPOINT_SUFFIXES) or spec.count("/") > 1
+    if looks_local or not _HUB_ID.fullmatch(spec):
+        raise UsageError(f"model '{spec}' not found: no such file or directory; pass a Hugging Face CLIP "
+                         "directory, an OpenAI-format .pt file, or a Hub id such as " + DEFAULT_MODEL)
+    return ModelFiles(spec, _hub_snapshot(spec, offline), None)
+
+
+def _check_directory(directory: Path) -> Path:
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"model directory '{directory}' has no config.json; pass a Hugging Face CLIP directory "
+                         "(config.json + model.safetensors), or convert a checkpoint with `clip convert-weights`")
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        raise UsageError(f"model directory '{directory}' has no model.safetensors or pytorch_model.bin; "
+                         "copy the weights beside config.json")
+    return directory
+
+
+def _hub_snapshot(repo_id: str, offline: bool) -> Path:
+    """The local snapshot folder of a Hub repo holding config.json, one weights file and the optional files."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    how = (f"connect to the internet once so it can be downloaded into the Hugging Face cache, or pass "
+           f"--model with a local CLIP directory or OpenAI .pt file (`clip convert-weights` makes one)")
+    if offline or constants.HF_HUB_OFFLINE:
+        raise UsageError(f"model '{repo_id}' is not in the local Hugging Face cache and offline mode is on; {how}")
+    try:
+        config = Path(huggingface_hub.hf_hub_download(repo_id, "config.json"))
+        for name in WEIGHT_FILES:
+            try:
+                huggingface_hub.hf_hub_download(repo_id, name)
+                break
+            except errors.EntryNotFoundError:
+                continue
+        else:
+            raise UsageError(f"Hub repo '{repo_id}' has no model.safetensors or pytorch_model.bin; "
+                             "it is not a transformers CLIP checkpoint")
+        for name in OPTIONAL_FILES:
+            try:
+                huggingface_hub.hf_hub_download(repo_id, name)
+            except errors.EntryNotFoundError:
+                pass
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as err:
+        raise UsageError(f"model '{repo_id}' is not available on the Hugging Face Hub "
+                         f"({type(err).__name__}); check the id, or log in with `hf auth login` for a gated repo") from None
+    except UsageError:
+        raise
+    except Exception as err:  # network failures surface as many types (httpx, OSError, LocalEntryNotFoundError)
+        raise UsageError(f"model '{repo_id}' is not in the local Hugging Face cache and the Hub cannot be "
+                         f"reached ({type(err).__name__}); {how}") from None
+    return config.parent
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(config, str):
+        return None
+    snapshot = Path(config).parent
+    for name in WEIGHT_FILES:
+        if isinstance(try_to_load_from_cache(repo_id, name), str):
+            return snapshot
+    return None
