@@ -3,6 +3,7 @@ UsageError that says how to supply a model. The only module that talks to the Hu
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,12 @@ def _hub_snapshot(repo_id: str, offline: bool) -> Path:
            f"--model with a local CLIP directory or OpenAI .pt file (`clip convert-weights` makes one)")
     if offline or constants.HF_HUB_OFFLINE:
         raise UsageError(f"model '{repo_id}' is not in the local Hugging Face cache and offline mode is on; {how}")
+    quiet = logging.getLogger("huggingface_hub")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its retry warnings would break our one-line error rule
     try:
+        # One HEAD request without retries first, so that being offline is reported in seconds, not after backoff.
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, "config.json"))
         config = Path(huggingface_hub.hf_hub_download(repo_id, "config.json"))
         for name in WEIGHT_FILES:
             try:
@@ -88,6 +94,8 @@ def _hub_snapshot(repo_id: str, offline: bool) -> Path:
     except Exception as err:  # network failures surface as many types (httpx, OSError, LocalEntryNotFoundError)
         raise UsageError(f"model '{repo_id}' is not in the local Hugging Face cache and the Hub cannot be "
                          f"reached ({type(err).__name__}); {how}") from None
+    finally:
+        quiet.setLevel(level)
     return config.parent
 
 
