@@ -11,6 +11,7 @@ from typing import Any
 
 from clipcli.errors import UsageError
 
+_DAMAGED = "the checkpoint is damaged, incomplete or not a CLIP ViT"
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
 
 
@@ -89,17 +90,18 @@ class CLIPConfig:
         grid = round((grid_tokens - 1) ** 0.5)
         if patch != patch_w or grid * grid + 1 != grid_tokens or vision_width_pos != vision_width:
             raise UsageError(f"inconsistent vision shapes: conv1 {tuple(shapes['visual.conv1.weight'])}, "
-                             f"positional_embedding {tuple(shapes['visual.positional_embedding'])}")
+                             f"positional_embedding {tuple(shapes['visual.positional_embedding'])} (expected "
+                             f"(grid * grid + 1, {vision_width})); {_DAMAGED}")
         vocab_size, text_width = _shape(shapes, "token_embedding.weight", 2)
         context_length, text_width_pos = _shape(shapes, "positional_embedding", 2)
         text_proj_in, embed_dim = _shape(shapes, "text_projection", 2)
         vision_proj_in, vision_embed_dim = _shape(shapes, "visual.proj", 2)
         if text_width_pos != text_width or text_proj_in != text_width:
             raise UsageError(f"inconsistent text shapes: token_embedding width {text_width}, positional_embedding "
-                             f"width {text_width_pos}, text_projection {tuple(shapes['text_projection'])}")
+                             f"width {text_width_pos}, text_projection {tuple(shapes['text_projection'])}; {_DAMAGED}")
         if vision_proj_in != vision_width or vision_embed_dim != embed_dim:
             raise UsageError(f"inconsistent projection shapes: visual.proj {tuple(shapes['visual.proj'])}, "
-                             f"text_projection {tuple(shapes['text_projection'])}")
+                             f"text_projection {tuple(shapes['text_projection'])}; {_DAMAGED}")
         vision_mlp = _shape(shapes, "visual.transformer.resblocks.0.mlp.c_fc.weight", 2)[0]
         text_mlp = _shape(shapes, "transformer.resblocks.0.mlp.c_fc.weight", 2)[0]
         config = cls(
@@ -191,7 +193,7 @@ def _field(data: Mapping[str, Any], name: str, kind: type, default: Any, where: 
 def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int) -> tuple[int, ...]:
     shape = tuple(shapes[key])
     if len(shape) != ndim:
-        raise UsageError(f"'{key}' has shape {shape}, expected {ndim} dimensions")
+        raise UsageError(f"'{key}' has shape {shape}, expected {ndim} dimensions; {_DAMAGED}")
     return shape
 
 
@@ -199,5 +201,6 @@ def _count_blocks(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     indices = {int(m.group(1)) for key in shapes if (m := pattern.match(key))}
     if indices != set(range(len(indices))):
-        raise UsageError(f"checkpoint blocks under '{prefix}' are not numbered 0..N-1: {sorted(indices)}")
+        raise UsageError(f"checkpoint blocks under '{prefix}' are not numbered 0..N-1: {sorted(indices)}; "
+                         f"{_DAMAGED}")
     return len(indices)

@@ -88,7 +88,8 @@ def _hub_snapshot(repo_id: str, offline: bool) -> Path:
                 pass
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as err:
         raise UsageError(f"model '{repo_id}' is not available on the Hugging Face Hub "
-                         f"({type(err).__name__}); check the id, or log in with `hf auth login` for a gated repo") from None
+                         f"({type(err).__name__}); check the id, or log in with `hf auth login` for a gated "
+                         "repo") from None
     except UsageError:
         raise
     except Exception as err:  # network failures surface as many types (httpx, OSError, LocalEntryNotFoundError)

@@ -36,17 +36,34 @@ def read_state_dict(path: Path) -> StateDict:
     """Read a checkpoint file (safetensors, TorchScript archive, or plain torch state dict) without unpickling code."""
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read ({err.strerror or type(err).__name__}); check the file") from None
+    if not head:
+        raise UsageError(f"{path}: empty file, not a checkpoint; check the path or download the file again")
+    try:
+        if path.suffix == ".safetensors" or head[8:9] == b"{":  # safetensors: u64 header length, then JSON
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        if _is_torchscript(path):
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+            data: object = load_file(str(path))
+        elif head.startswith(b"PK"):  # a zip: TorchScript archive or torch.save's format
+            if not zipfile.is_zipfile(path):
+                raise UsageError(f"{path}: truncated or damaged zip archive (no central directory); "
+                                 "download or copy the checkpoint again")
+            if _is_torchscript(path):
+                # TorchScript runs no Python on load; its state dict holds only tensors.
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        elif head[0] == 0x80:  # a bare pickle (torch.save's legacy format): still only the weights-only unpickler
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            raise UsageError(f"{path}: not a checkpoint (neither safetensors, a zip archive nor a pickle); "
+                             "pass a .pt/.bin/.safetensors CLIP weights file")
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{path}: refused to load: the file holds Python objects, not just tensors ({first[:120]}); "
-                         "use a weights-only checkpoint (safetensors, OpenAI .pt, or a plain state dict)") from None
+        raise UsageError(f"{path}: refused to load: the file holds Python objects, not just tensors "
+                         f"({_unpickling_reason(err)}); use a weights-only checkpoint (safetensors, OpenAI .pt, "
+                         "or a plain state dict)") from None
     except UsageError:
         raise
     except Exception as err:  # torch/safetensors raise many types for damaged files
@@ -55,10 +72,17 @@ def read_state_dict(path: Path) -> StateDict:
     return _unwrap(data, path)
 
 
+def _unpickling_reason(err: pickle.UnpicklingError) -> str:
+    # torch's message is paragraphs about the weights_only default; the useful part names the refused global.
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(err))
+    if found:
+        return f"it would load {found[1]}"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S.*?)(?:\n\n|$)", str(err), re.DOTALL)
+    return " ".join(detail[1].split())[:120] if detail else _one_line(err)
+
+
 def _is_torchscript(path: Path) -> bool:
     # TorchScript archives are zips holding a code/ folder and constants.pkl beside data.pkl.
-    if not zipfile.is_zipfile(path):
-        return False
     with zipfile.ZipFile(path) as archive:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
@@ -87,27 +111,47 @@ def is_openai_layout(state: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith("visual.") for k in state)
 
 
-_BLOCK_RENAMES = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+def is_hf_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for transformers' CLIPModel key names (vision_model.*, text_model.*)."""
+    return any(k.startswith(("vision_model.", "text_model.")) for k in state)
+
+
+# The conversion of style.md §6: a rename table (full key names, OpenAI -> transformers) plus three named special
+# cases: transposed projections, fused q/k/v in transformer blocks, and the ignored non-weight entries above.
+_LAYER_NORMS = {"visual.ln_pre": "vision_model.pre_layrnorm",  # typo kept: transformers' key name
+                "visual.ln_post": "vision_model.post_layernorm", "ln_final": "text_model.final_layer_norm"}
 _RENAMES = {
     "visual.class_embedding": "vision_model.embeddings.class_embedding",
     "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    # OpenAI's positional embeddings are bare (tokens, width) parameters; transformers holds them in nn.Embedding.
     "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-    "visual.ln_pre": "vision_model.pre_layrnorm",
-    "visual.ln_post": "vision_model.post_layernorm",
     "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
     "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final": "text_model.final_layer_norm",
     "logit_scale": "logit_scale",
+    **{f"{old}.{kind}": f"{new}.{kind}" for old, new in _LAYER_NORMS.items() for kind in ("weight", "bias")},
 }
 # (N, D) projection matrices applied as x @ proj in OpenAI's code, stored as Linear (D_out, D_in) weights by HF.
 _TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
+# Inside transformer block i: names after "<tower prefix><i>.".
 _TOWERS = {"visual.transformer.resblocks.": "vision_model.encoder.layers.",
            "transformer.resblocks.": "text_model.encoder.layers."}
+_BLOCK_RENAMES = {
+    f"{old}.{kind}": f"{new}.{kind}" for kind in ("weight", "bias") for old, new in (
+        ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
+        ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
+}
+# OpenAI fuses the attention input projections into one (3 * width, ...) tensor, in q, k, v order.
+_FUSED_QKV = {"attn.in_proj_weight": "weight", "attn.in_proj_bias": "bias"}
+_QKV = ("q_proj", "k_proj", "v_proj")
+_OPENAI_BLOCK_KEY = re.compile(r"(visual\.transformer\.resblocks\.|transformer\.resblocks\.)(\d+)\.(.+)")
+_HF_BLOCK_KEY = re.compile(r"(vision_model\.encoder\.layers\.|text_model\.encoder\.layers\.)(\d+)\.(.+)")
+_HF_QKV = re.compile(r"self_attn\.([qkv]_proj)\.(weight|bias)")  # inside a block
 
 
 def openai_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Map an OpenAI/OpenCLIP-named state dict to transformers' CLIPModel names; every source key must be used."""
+    """Map an OpenAI/OpenCLIP-named state dict to transformers' CLIPModel names; every source key must be used.
+
+    Whether every target key is produced is checked against the model by build_model."""
     out: StateDict = {}
     for key, value in state.items():
         if key in IGNORED_OPENAI_KEYS:
@@ -116,63 +160,53 @@ def openai_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
             out[_TRANSPOSED[key]] = value.t().contiguous()
         elif key in _RENAMES:
             out[_RENAMES[key]] = value
-        elif (base := key.rsplit(".", 1)[0]) in _RENAMES and key.endswith((".weight", ".bias")):
-            out[_RENAMES[base] + key[len(base):]] = value
-        elif tower := next((t for t in _TOWERS if key.startswith(t)), None):
-            out.update(_rename_block(key, tower, value))
+        elif (m := _OPENAI_BLOCK_KEY.fullmatch(key)) and m[3] in _FUSED_QKV:
+            if value.shape[0] % 3:
+                raise UsageError(f"'{key}' has shape {tuple(value.shape)}; its first dimension is not 3 x width, "
+                                 "so it cannot be split into q/k/v; the checkpoint is damaged or not CLIP")
+            prefix = f"{_TOWERS[m[1]]}{m[2]}.self_attn"
+            for name, part in zip(_QKV, value.chunk(3, dim=0)):
+                out[f"{prefix}.{name}.{_FUSED_QKV[m[3]]}"] = part.contiguous()
+        elif m and m[3] in _BLOCK_RENAMES:
+            out[f"{_TOWERS[m[1]]}{m[2]}.{_BLOCK_RENAMES[m[3]]}"] = value
         else:
             raise UsageError(f"unexpected checkpoint key '{key}'; not a CLIP ViT checkpoint with OpenAI key names")
     return out
 
 
-def _rename_block(key: str, tower: str, value: torch.Tensor) -> StateDict:
-    rest = key[len(tower):]
-    if m := re.fullmatch(r"(\d+)\.attn\.in_proj_(weight|bias)", rest):
-        # Fused (3 * width, ...) q/k/v projection: split into transformers' separate projections.
-        layer, kind = m.groups()
-        if value.shape[0] % 3:
-            raise UsageError(f"'{key}' has shape {tuple(value.shape)}; its first dimension is not 3 x width")
-        names = ("q_proj", "k_proj", "v_proj")
-        return {f"{_TOWERS[tower]}{layer}.self_attn.{n}.{kind}": part.contiguous()
-                for n, part in zip(names, value.chunk(3, dim=0))}
-    if (m := re.fullmatch(r"(\d+)\.(.+)\.(weight|bias)", rest)) and m[2] in _BLOCK_RENAMES:
-        return {f"{_TOWERS[tower]}{m[1]}.{_BLOCK_RENAMES[m[2]]}.{m[3]}": value}
-    raise UsageError(f"unexpected checkpoint key '{key}'; not a CLIP ViT checkpoint with OpenAI key names")
+_INVERSE_RENAMES = {new: old for old, new in (*_RENAMES.items(), *_TRANSPOSED.items())}
+_INVERSE_TOWERS = {new: old for old, new in _TOWERS.items()}
+_INVERSE_BLOCK_RENAMES = {new: old for old, new in _BLOCK_RENAMES.items()}
 
 
 def hf_to_openai(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Inverse of openai_to_hf (fuses q/k/v, transposes projections): writes OpenAI-layout checkpoints."""
-    inverse = {v: k for k, v in _RENAMES.items()}
-    inverse_blocks = {v: k for k, v in _BLOCK_RENAMES.items()}
-    inverse_towers = {v: k for k, v in _TOWERS.items()}
-    inverse_transposed = {v: k for k, v in _TRANSPOSED.items()}
+    """Inverse of openai_to_hf (transposes projections, fuses q/k/v): transformers' names -> OpenAI's."""
     out: StateDict = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}  # fused OpenAI key -> {"q_proj": tensor, ...}
     for key, value in state.items():
         if key in DROPPED_HF_KEYS:
             continue
-        if key in inverse_transposed:
-            out[inverse_transposed[key]] = value.t().contiguous()
-            continue
-        base, kind = key.rsplit(".", 1) if "." in key else (key, "")
-        if key in inverse:
-            out[inverse[key]] = value
-        elif base in inverse:
-            out[f"{inverse[base]}.{kind}"] = value
-        elif tower := next((t for t in inverse_towers if key.startswith(t)), None):
-            layer, module = key[len(tower):].split(".", 1)
-            module = module.rsplit(".", 1)[0]
-            if module.startswith("self_attn.") and module != "self_attn.out_proj":
-                if module == "self_attn.q_proj":
-                    parts = [state[f"{tower}{layer}.self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")]
-                    out[f"{inverse_towers[tower]}{layer}.attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
-                continue
-            out[f"{inverse_towers[tower]}{layer}.{inverse_blocks[module]}.{kind}"] = value
+        if key in _INVERSE_RENAMES:
+            out[_INVERSE_RENAMES[key]] = value.t().contiguous() if key in _TRANSPOSED.values() else value
+        elif (m := _HF_BLOCK_KEY.fullmatch(key)) and m[3] in _INVERSE_BLOCK_RENAMES:
+            out[f"{_INVERSE_TOWERS[m[1]]}{m[2]}.{_INVERSE_BLOCK_RENAMES[m[3]]}"] = value
+        elif m and (q := _HF_QKV.fullmatch(m[3])):
+            qkv.setdefault(f"{_INVERSE_TOWERS[m[1]]}{m[2]}.attn.in_proj_{q[2]}", {})[q[1]] = value
         else:
-            raise UsageError(f"unexpected checkpoint key '{key}'")
+            raise UsageError(f"unexpected checkpoint key '{key}'; not a transformers CLIP state dict")
+    for key, parts in qkv.items():
+        if absent := [name for name in _QKV if name not in parts]:
+            raise UsageError(f"checkpoint lacks {'/'.join(absent)} beside the other attention projections "
+                             f"of '{key}'; the state dict is incomplete")
+        if len({part.shape for part in parts.values()}) != 1:
+            raise UsageError(f"attention projections for '{key}' differ in shape "
+                             f"({', '.join(f'{n} {tuple(parts[n].shape)}' for n in _QKV)}); the state dict is damaged")
+        out[key] = torch.cat([parts[name] for name in _QKV], dim=0)
     return out
 
 
-def build_model(config: CLIPConfig, state: Mapping[str, torch.Tensor]) -> CLIPModel:
+def build_model(config: CLIPConfig, state: Mapping[str, torch.Tensor],
+                fix: str = "the checkpoint is incomplete, damaged, or for another architecture") -> CLIPModel:
     """A float32 CLIPModel with `state` (transformers' names) loaded strictly; errors name keys and both shapes."""
     state = {k: v for k, v in state.items() if k not in DROPPED_HF_KEYS}
     model = CLIPModel(config)
@@ -185,12 +219,11 @@ def build_model(config: CLIPConfig, state: Mapping[str, torch.Tensor]) -> CLIPMo
             parts.append(f"missing {_some(missing)}")
         if unexpected:
             parts.append(f"unexpected {_some(unexpected)}")
-        raise UsageError(f"checkpoint keys do not match the CLIP model: {'; '.join(parts)}; "
-                         "the weights do not belong to this config.json")
+        raise UsageError(f"checkpoint keys do not match the CLIP model: {', '.join(parts)}; {fix}")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise UsageError(f"checkpoint tensor '{key}' has shape {tuple(state[key].shape)}, the config implies "
-                             f"{tuple(tensor.shape)}; the weights do not belong to this config.json")
+                             f"{tuple(tensor.shape)}; {fix}")
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -200,31 +233,49 @@ def _some(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
+def check_destination(destination: Path, force: bool) -> None:
+    """UsageError unless `destination` is absent, an empty directory, or (with force) a model directory to replace."""
+    destination = Path(destination)
+    if destination.exists() and not destination.is_dir():
+        raise UsageError(f"{destination} exists and is not a directory; choose another destination")
+    if not destination.is_dir() or not any(destination.iterdir()):
+        return
+    if not force:
+        raise UsageError(f"{destination} is not empty; choose an empty destination or pass --force to replace it")
+    # --force deletes the old directory: only ever one that holds a model, never e.g. a home folder given by mistake.
+    if not (destination / "config.json").is_file():
+        raise UsageError(f"{destination} is not empty and holds no config.json, so it is not a model directory that "
+                         "--force may replace; choose another destination or empty it yourself")
+
+
 def write_hf_directory(
     destination: Path, config: CLIPConfig, state: Mapping[str, torch.Tensor], dtype: torch.dtype,
     extra_files: Callable[[Path], None], force: bool = False,
 ) -> None:
-    """Write config.json + model.safetensors (+ whatever extra_files writes) into a temp dir, then rename it."""
+    """Write config.json + model.safetensors (+ whatever extra_files writes) into a temp dir beside `destination`,
+    then rename it into place, so a failure leaves `destination` as it was and no temp dir behind."""
     from safetensors.torch import save_file
 
     destination = Path(destination)
-    if destination.exists() and not destination.is_dir():
-        raise UsageError(f"{destination} exists and is not a directory; choose another destination")
-    if destination.is_dir() and any(destination.iterdir()) and not force:
-        raise UsageError(f"{destination} is not empty; choose an empty destination or pass --force to replace it")
+    check_destination(destination, force)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700); give it what mkdir would
         tensors = {k: v.detach().to(dtype=dtype).contiguous() for k, v in state.items() if k not in DROPPED_HF_KEYS}
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         text = json.dumps({**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2)
-        (staging / "config.json").write_text(text + "\n")
+        (staging / "config.json").write_text(text + "\n", encoding="utf-8")
         extra_files(staging)
         if destination.exists():
-            old = destination.with_name(f".{destination.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            # A directory cannot be renamed over a non-empty one: move the old one aside, then delete it.
+            old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
             os.replace(destination, old)
-            os.replace(staging, destination)
+            try:
+                os.replace(staging, destination)
+            except BaseException:
+                os.replace(old, destination)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, destination)
@@ -233,6 +284,15 @@ def write_hf_directory(
         raise
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
 def _one_line(err: BaseException) -> str:
+    """The first sentence of an exception's message, on one line, with its type when the message alone is cryptic."""
     text = " ".join(str(err).split())
-    return (text[:160] + "…") if len(text) > 160 else (text or type(err).__name__)
+    text = text.split(". ")[0]
+    text = (text[:140] + "…") if len(text) > 140 else text
+    return text if len(text) > 12 else f"{type(err).__name__}: {text}".rstrip(": ")

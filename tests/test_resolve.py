@@ -1,0 +1,179 @@
+"""resolve(): `--model` as a directory, a checkpoint file, or a Hub id from the local Hugging Face cache.
+
+Every test points huggingface_hub at an empty or hand-built cache under tmp_path and turns offline mode on, so no
+test reads the user's cache or reaches the network."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clipcli.cli import app
+from clipcli.errors import UsageError
+from clipcli.loader import load
+from clipcli.resolve import DEFAULT_MODEL, ModelFiles, resolve
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache in tmp_path, offline mode on; the working directory is tmp_path too."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    for name, value in (("HF_HOME", tmp_path / "hf-home"), ("HF_HUB_CACHE", cache), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # so "org/name" is not a local path by accident
+    return cache
+
+
+def cache_repo(cache: Path, repo_id: str, source: Path, names: list[str] | None = None) -> Path:
+    """Lay `source`'s files out as huggingface_hub does: blobs by hash, snapshots/<sha>/ symlinks, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / SHA
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SHA)  # no newline: huggingface_hub reads the file as is
+    for name in names if names is not None else sorted(os.listdir(source)):
+        data = (source / name).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+# ------------------------------------------------------------------------------------------------ local paths
+
+
+def test_directory(tiny_model_dir: Path) -> None:
+    assert resolve(str(tiny_model_dir)) == ModelFiles(str(tiny_model_dir), tiny_model_dir, None)
+
+
+def test_directory_without_config_json(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UsageError, match="no config.json.*convert-weights"):
+        resolve(str(tmp_path))
+
+
+def test_directory_without_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match="no model.safetensors or pytorch_model.bin"):
+        resolve(str(tmp_path))
+
+
+def test_pytorch_model_bin_directory(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    assert resolve(str(tmp_path)).directory == tmp_path
+
+
+def test_checkpoint_file(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ViT-B-32.pt"
+    checkpoint.write_bytes(b"")
+    assert resolve(str(checkpoint)) == ModelFiles(str(checkpoint), None, checkpoint)
+
+
+@pytest.mark.parametrize("spec", ["./missing", "missing.pt", "/nonexistent/model", "~/no-such-model.safetensors",
+                                  "models/clip/vit", "no-slash-name", "bad id/with space"])
+def test_missing_local_path_is_not_found(spec: str, hf_cache: Path) -> None:
+    with pytest.raises(UsageError, match=f"model '{spec}' not found"):
+        resolve(spec)
+    assert os.listdir(hf_cache) == []
+
+
+def test_special_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="neither a regular file nor a directory"):
+        resolve(str(fifo))
+
+
+# --------------------------------------------------------------------------------------------------- Hub ids
+
+
+@pytest.mark.parametrize("offline_argument", [True, False])
+def test_hub_id_not_cached_while_offline(offline_argument: bool, hf_cache: Path) -> None:
+    with pytest.raises(UsageError) as caught:
+        resolve("org/clip-tiny", offline=offline_argument)
+    message = str(caught.value)
+    assert "'org/clip-tiny'" in message and "offline" in message and "--model" in message
+    assert "\n" not in message
+    assert os.listdir(hf_cache) == []  # nothing written into the cache
+
+
+def test_hub_id_not_cached_and_hub_unreachable(hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    with pytest.raises(UsageError, match=r"model 'org/clip-tiny' .*cannot be reached \(OSError\).*--model"):
+        resolve("org/clip-tiny")
+
+
+def test_hub_id_from_the_cache(tiny_model_dir: Path, hf_cache: Path) -> None:
+    snapshot = cache_repo(hf_cache, "org/clip-tiny", tiny_model_dir)
+    files = resolve("org/clip-tiny")
+    assert files.directory == snapshot and files.checkpoint is None
+
+    cached, local = load("org/clip-tiny", device="cpu"), load(str(tiny_model_dir), device="cpu")
+    assert cached.config == local.config and cached.preprocess == local.preprocess
+    assert cached.source == f"org/clip-tiny ({snapshot})"
+    texts = ["a photo of a cat.", "two dogs", ""]
+    assert torch.equal(cached.tokenizer.encode(texts), local.tokenizer.encode(texts))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        for model in (cached.model, local.model):
+            assert model.encode_image(pixels).shape == (2, 16)
+        np.testing.assert_array_equal(cached.model.encode_image(pixels), local.model.encode_image(pixels))
+        ids = local.tokenizer.encode(texts)
+        np.testing.assert_array_equal(cached.model.encode_text(ids), local.model.encode_text(ids))
+
+
+def test_cached_hub_id_without_weights_counts_as_not_cached(tiny_model_dir: Path, hf_cache: Path) -> None:
+    cache_repo(hf_cache, "org/clip-tiny", tiny_model_dir, names=["config.json", "tokenizer.json"])
+    with pytest.raises(UsageError, match="'org/clip-tiny' is not in the local Hugging Face cache"):
+        resolve("org/clip-tiny")
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize("model", [None, "org/clip-tiny"])
+def test_cli_offline_error_is_one_line(model: str | None, hf_cache: Path, image_folder: Path) -> None:
+    args = ["classify", str(image_folder), "--labels", "cat,dog"] + (["--model", model] if model else [])
+    line = _one_error_line(CliRunner().invoke(app, args))
+    assert f"'{model or DEFAULT_MODEL}'" in line and "--model" in line
+    line = _one_error_line(CliRunner().invoke(app, ["info", model or DEFAULT_MODEL]))
+    assert f"'{model or DEFAULT_MODEL}'" in line and "--model" in line
+
+
+def test_cli_uses_a_cached_hub_id(tiny_model_dir: Path, hf_cache: Path) -> None:
+    snapshot = cache_repo(hf_cache, "org/clip-tiny", tiny_model_dir)
+    result = CliRunner().invoke(app, ["info", "org/clip-tiny"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert f"org/clip-tiny ({snapshot})" in result.stdout
