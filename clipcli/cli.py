@@ -10,6 +10,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,9 +44,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _eprint(message: str) -> None:
-    from clipcli.output import display_path
+    from clipcli.output import display_line
 
-    print(display_path(message), file=sys.stderr, flush=True)
+    print(display_line(message), file=sys.stderr, flush=True)
 
 
 def handle_errors(command: Callable) -> Callable:
@@ -103,8 +104,17 @@ FastOpt = Annotated[bool, typer.Option(
     "--fast-decode", help="Decode large JPEGs at reduced scale before the exact resize (faster, near-identical).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-PathsArg = Annotated[list[str], typer.Argument(help="Image files and/or folders (walked recursively).",
-                                               show_default=False)]
+PathsArg = Annotated[list[str], typer.Argument(
+    metavar="PATH", help="Image files and/or folders (walked recursively).", show_default=False)]
+
+
+class Format(str, Enum):
+    """--format values (output.FORMATS); an Enum so that Typer rejects others as a usage error and lists them."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+    jsonl = "jsonl"
 
 
 @app.command()
@@ -117,7 +127,8 @@ def classify(
         "--template", "-t", help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
     templates: Annotated[Optional[str], typer.Option(help="A named template set: imagenet (the CLIP paper's 80).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image.")] = 5,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or jsonl.")] = "table",
+    fmt: Annotated[Format, typer.Option(
+        "--format", "-f", help="table for people; csv, json or jsonl for programs.")] = Format.table,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here (default stdout).")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
@@ -139,8 +150,6 @@ def classify(
     from clipcli import output as out
     from clipcli import pipeline
 
-    if fmt not in out.FORMATS:
-        raise UsageError(f"unknown --format '{fmt}'; use one of {', '.join(out.FORMATS)}")
     label_list = _read_labels(labels, labels_file)
     prompt_templates = _templates(template, templates)
     if output is not None:
@@ -161,8 +170,8 @@ def classify(
     import numpy as np
 
     probs = np.concatenate(rows) if rows else np.zeros((0, len(label_list)), dtype=np.float32)
-    text = out.render(out.records(found_paths, probs, label_list, top_k), label_list, fmt,
-                      color=output is None and fmt == "table" and sys.stdout.isatty())
+    text = out.render(out.records(found_paths, probs, label_list, top_k), label_list, fmt.value,
+                      color=output is None and fmt is Format.table and sys.stdout.isatty())
     if output is None:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -174,7 +183,8 @@ def classify(
 @app.command()
 @handle_errors
 def embed(
-    paths: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders.", show_default=False)] = None,
+    paths: Annotated[Optional[list[str]], typer.Argument(metavar="PATH", help="Image files and/or folders.",
+                                                         show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="The .npy to write; PATHS go to <name>.paths.txt.")] = Path("embeddings.npy"),
     text: Annotated[Optional[list[str]], typer.Option("--text", help="Embed this text instead of images (repeatable).")] = None,
     text_file: Annotated[Optional[Path], typer.Option(help="Embed each line of this file (blank lines skipped).")] = None,
@@ -200,13 +210,15 @@ def embed(
     from clipcli import pipeline
 
     texts = list(text or []) + (_read_lines(text_file, "--text-file") if text_file else [])
+    for item in texts:
+        _check_utf8("--text", item)
     if (text or text_file) and paths:
         raise UsageError("give image PATHs or --text/--text-file, not both")
     if not (text or text_file) and not paths:
         raise UsageError("nothing to embed; pass image files/folders, or --text TEXT")
     if (text or text_file) and not texts:
         raise UsageError(f"{text_file} has no text lines; put one text per line")
-    out.check_writable(output)
+    out.check_writable(output, stream_ok=False)  # a .npy and its sidecar need real files
     failures: list = []
     images: list[str] = []
     if not texts:
@@ -236,7 +248,8 @@ def convert_weights(
     dst: Annotated[Path, typer.Argument(help="Directory to write in Hugging Face CLIP layout.")],
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16 for the saved weights.")] = "fp32",
     activation: Annotated[Optional[str], typer.Option(
-        help="Activation for weights without a config: quick_gelu (OpenAI) or gelu (some OpenCLIP models).")] = None,
+        help="hidden_act of both towers: quick_gelu (OpenAI; the default for checkpoint files) or gelu (some "
+        "OpenCLIP models). Overrides config.json when SRC is a directory.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty DST.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -312,16 +325,29 @@ def _read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
         raise UsageError("no labels; pass --labels cat,dog,car or --labels-file FILE (one label per line)")
     seen: set[str] = set()
     for item in items:
+        _check_utf8("label", item)
         if item in seen:
             raise UsageError(f"label '{item}' is given twice; list each label once")
         seen.add(item)
     return items
 
 
+def _check_utf8(kind: str, item: str) -> None:
+    # Arguments that are not valid UTF-8 reach Python as lone surrogates, which the tokenizer cannot take.
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{kind} '{item}' is not valid UTF-8; give text in UTF-8") from None
+
+
 def _templates(template: list[str] | None, templates: str | None) -> list[str]:
     from clipcli.templates import TEMPLATE_SETS
 
     chosen = list(template or [])
+    for item in chosen:
+        _check_utf8("template", item)
+        if "{}" not in item:
+            raise UsageError(f"template '{item}' has no {{}} where the label goes; e.g. 'a photo of a {{}}.'")
     if templates is not None:
         if templates not in TEMPLATE_SETS:
             raise UsageError(f"unknown --templates '{templates}'; use one of {', '.join(TEMPLATE_SETS)}")
@@ -362,7 +388,7 @@ class _progress:
 
 
 def _finish(failures: list) -> None:
-    for failure in failures:
+    for failure in sorted(failures, key=lambda f: f.path):  # walk and decode failures, in one path order
         _eprint(f"{failure.path}: {failure.reason}")
     if failures:
         _eprint(f"{len(failures)} input(s) failed; the others were processed")

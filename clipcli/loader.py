@@ -3,20 +3,23 @@ device and dtype once. Reading and key mapping live in weights.py; this module o
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from clipcli.config import CLIPConfig
+from clipcli.config import ACTIVATIONS, CLIPConfig
 from clipcli.errors import UsageError
 from clipcli.model import CLIPModel
 from clipcli.preprocess import PreprocessConfig
 from clipcli.resolve import DEFAULT_MODEL, WEIGHT_FILES, ModelFiles, resolve
 from clipcli.tokenizer import ClipTokenizer
-from clipcli.weights import (build_model, hf_to_openai, is_openai_layout, openai_to_hf, read_state_dict,
-                             write_hf_directory)
+from clipcli.weights import (build_model, check_destination, hf_to_openai, is_hf_layout, is_openai_layout,
+                             openai_to_hf, read_state_dict, write_hf_directory)
 
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -52,25 +55,59 @@ def load(
     target_dtype = resolve_dtype(dtype, target_device)
     files = resolve(model, offline=offline)
     config, state = read_model(files, hidden_act)
-    clip_model = build_model(config, state).to(device=target_device, dtype=target_dtype)
+    clip_model = check_model(files, config, state).to(device=target_device, dtype=target_dtype)
     return Clip(clip_model, read_tokenizer(files, config), read_preprocess(files, config), _describe(files))
 
 
 def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
-    """Config and state dict (transformers' key names, stored dtype) of resolved model files."""
+    """Config and state dict (transformers' key names, stored dtype) of resolved model files.
+
+    `hidden_act` sets the activation of both towers: the config of a checkpoint file has none (OpenAI's weights
+    were trained with QuickGELU, the default), and for a directory it overrides config.json."""
+    if hidden_act is not None and hidden_act not in ACTIVATIONS:
+        raise UsageError(f"unknown activation '{hidden_act}'; use one of {', '.join(ACTIVATIONS)}")
     if files.directory is not None:
         config = CLIPConfig.from_dict(_read_json(files.directory / "config.json"))
-        weights = next(files.directory / n for n in WEIGHT_FILES if (files.directory / n).is_file())
-        state = read_state_dict(weights)
-        return config, openai_to_hf(state) if is_openai_layout(state) else state
+        if hidden_act is not None:
+            config = dataclasses.replace(config, text=dataclasses.replace(config.text, hidden_act=hidden_act),
+                                         vision=dataclasses.replace(config.vision, hidden_act=hidden_act))
+        state = read_state_dict(weights_file(files))
+        with _about(weights_file(files)):
+            return config, openai_to_hf(state) if is_openai_layout(state) else state
     state = read_state_dict(files.checkpoint)
-    act = hidden_act or "quick_gelu"  # OpenAI's weights were trained with QuickGELU
-    if is_openai_layout(state):
-        config = CLIPConfig.from_state_dict_shapes(_shapes(state), hidden_act=act)
-        return config, openai_to_hf(state)
-    # A bare transformers state dict without config.json: infer the config from the same shapes.
-    config = CLIPConfig.from_state_dict_shapes(_shapes(hf_to_openai(state)), hidden_act=act)
-    return config, state
+    act = hidden_act or "quick_gelu"
+    with _about(files.checkpoint):
+        if is_openai_layout(state):
+            return CLIPConfig.from_state_dict_shapes(_shapes(state), hidden_act=act), openai_to_hf(state)
+        if not is_hf_layout(state):
+            raise UsageError("not a CLIP checkpoint: no OpenAI key names (visual.conv1.weight, ...) nor "
+                             "transformers' (vision_model.*, text_model.*); pass a CLIP ViT checkpoint")
+        # A bare transformers state dict without config.json: infer the config from the same shapes.
+        return CLIPConfig.from_state_dict_shapes(_shapes(hf_to_openai(state)), hidden_act=act), state
+
+
+def check_model(files: ModelFiles, config: CLIPConfig, state: dict[str, torch.Tensor]) -> CLIPModel:
+    """The float32 CLIPModel of read_model's result, every key and shape checked; errors name the weights file."""
+    fix = ("the weights do not belong to this config.json" if files.directory is not None
+           else "the checkpoint is incomplete, damaged, or for another architecture")
+    with _about(weights_file(files)):
+        return build_model(config, state, fix)
+
+
+def weights_file(files: ModelFiles) -> Path:
+    """The checkpoint file itself, or the directory's model.safetensors / pytorch_model.bin."""
+    if files.directory is None:
+        return files.checkpoint
+    return next(files.directory / n for n in WEIGHT_FILES if (files.directory / n).is_file())
+
+
+@contextmanager
+def _about(path: Path) -> Iterator[None]:
+    """Prefix UsageErrors raised inside with the file they are about."""
+    try:
+        yield
+    except UsageError as err:
+        raise UsageError(f"{path}: {err}") from None
 
 
 def read_tokenizer(files: ModelFiles, config: CLIPConfig) -> ClipTokenizer:
@@ -125,7 +162,8 @@ def _read_json(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{path}: cannot read ({err.__class__.__name__}); check the file") from None
     except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}; fix or re-download it") from None
+        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}; "
+                         "fix or re-download it") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a JSON object; fix or re-download it")
     return data
@@ -141,12 +179,19 @@ def _describe(files: ModelFiles) -> str:
 
 
 def convert(src: str, dst: Path, dtype: str = "fp32", hidden_act: str | None = None, force: bool = False) -> Path:
-    """Write `src` (checkpoint file, HF directory or Hub id) to `dst` in Hugging Face CLIP layout; returns dst."""
+    """Write `src` (checkpoint file, HF directory or Hub id) to `dst` in Hugging Face CLIP layout; returns dst.
+
+    Everything is read and checked (every key and shape) before anything is written; see write_hf_directory."""
     if dtype not in DTYPE_NAMES:
         raise UsageError(f"unknown dtype '{dtype}'; use fp32, fp16 or bf16")
+    dst = Path(dst)
+    check_destination(dst, force)  # fail before reading a large checkpoint
     files = resolve(src)
+    source = files.checkpoint or files.directory
+    if source is not None and source.resolve() != dst.resolve() and source.resolve().is_relative_to(dst.resolve()):
+        raise UsageError(f"{src} lies inside {dst}, which would be replaced; choose another destination")
     config, state = read_model(files, hidden_act)
-    build_model(config, state)  # every key and shape checked before anything is written
+    check_model(files, config, state)  # every key and shape checked before anything is written
     tokenizer = read_tokenizer(files, config)
     preprocess = read_preprocess(files, config)
 
@@ -155,5 +200,5 @@ def convert(src: str, dst: Path, dtype: str = "fp32", hidden_act: str | None = N
         text = json.dumps(preprocess.to_json(), indent=2)
         (directory / "preprocessor_config.json").write_text(text + "\n", encoding="utf-8")
 
-    write_hf_directory(Path(dst), config, state, DTYPE_NAMES[dtype], extra_files, force=force)
-    return Path(dst)
+    write_hf_directory(dst, config, state, DTYPE_NAMES[dtype], extra_files, force=force)
+    return dst

@@ -1,5 +1,6 @@
 """Rendering and writing results: table/csv/json/jsonl text, streamed .npy + .paths.txt sidecar, atomic files.
-Knows nothing of models; every file it writes appears complete or not at all."""
+Knows nothing of models; every file it writes appears complete or not at all (a stream such as /dev/stdout is
+written in place)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,9 +40,9 @@ def records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_
 def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = False) -> str:
     """Classification records as text in `fmt` (table, csv, json or jsonl)."""
     if fmt == "jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        return "".join(_json(r) + "\n" for r in rows)
     if fmt == "json":
-        return json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
+        return _json(rows, indent=2) + "\n"
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -51,6 +53,15 @@ def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = Fals
     if fmt == "table":
         return _table(rows, color)
     raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+
+
+# Line breaks that JSON leaves unescaped but str.splitlines() and many line readers split on (NEL, LS, PS):
+# escaped, so that a label or path holding one can never split a JSONL record.
+_JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _json(value: object, indent: int | None = None) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent).translate(_JSON_LINE_BREAKS)
 
 
 def _table(rows: list[dict], color: bool) -> str:
@@ -73,41 +84,83 @@ def _table(rows: list[dict], color: bool) -> str:
     return buffer.getvalue()
 
 
-def check_writable(path: Path) -> None:
-    """Raise UsageError before any work when `path` cannot be created (missing or read-only folder, a directory)."""
+def check_writable(path: Path, stream_ok: bool = True) -> None:
+    """Raise UsageError before any work when `path` cannot be created (missing or read-only folder, a directory).
+
+    An existing non-regular file (/dev/stdout, /dev/null, a pipe) is written in place when `stream_ok`."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"output '{path}' is a directory; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
+    if is_stream(path):
+        if not stream_ok:
+            raise UsageError(f"output '{path}' is not a regular file; give a file name")
+        return
+    folder = _folder(_resolved(path))
+    if not folder.exists():
         raise UsageError(f"output folder '{folder}' does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder '{folder}' is not writable; choose another --output")
+    if not folder.is_dir():
+        raise UsageError(f"output folder '{folder}' is not a folder; give a path inside an existing folder")
+    # Try it: permission bits say nothing for root, read-only mounts or /proc, where os.access() still says yes.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".probe", dir=folder)
+    except OSError as err:
+        raise UsageError(f"output folder '{folder}' is not writable ({_os_reason(err)}); "
+                         "choose another --output") from None
+    os.close(fd)
+    _remove(probe)
 
 
 @contextmanager
 def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
     """Write to a temp file beside `path`, then rename it into place; on any error the temp file is removed."""
     path = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+    with _temp_file(path, mode) as (handle, temp):
+        yield handle
+        _finish_file(handle)
         os.replace(temp, path)
-    except BaseException:
+
+
+@contextmanager
+def _temp_file(path: Path, mode: str) -> Iterator[tuple[IO, str]]:
+    """An open temp file beside `path` and its name; removed at the end unless renamed into place by then."""
+    fd, temp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".part", dir=_folder(path))
+    text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+    try:
+        # mkstemp makes the file private (0600); give it what a plain open() would (or what the old file had).
+        os.chmod(temp, _new_file_mode(path))
+        with os.fdopen(fd, mode, **text) as handle:
+            yield handle, temp
+    finally:
         _remove(temp)
-        raise
+
+
+def _finish_file(handle: IO) -> None:
+    """Flush, fsync and close: a file renamed into place afterwards is complete on disk."""
+    handle.flush()
+    os.fsync(handle.fileno())
+    handle.close()
+
+
+def _new_file_mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)  # replacing a file keeps its permissions
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically."""
+    """Write `text` to `path` atomically; a stream such as /dev/stdout is written in place, never replaced."""
     try:
-        with atomic_file(path) as handle:
+        if is_stream(path):  # appended: a file behind /dev/stdout keeps what was written to it before
+            with open(path, "a", encoding="utf-8", errors="surrogateescape", newline="") as handle:
+                handle.write(text)
+            return
+        with atomic_file(_resolved(Path(path))) as handle:
             handle.write(text)
     except OSError as err:
-        raise UsageError(f"cannot write '{path}': {err.strerror or err}; check the disk and the folder") from None
+        raise _write_error(path, err) from None
 
 
 def sidecar_path(npy: Path) -> Path:
@@ -119,12 +172,17 @@ def sidecar_path(npy: Path) -> Path:
 class EmbeddingWriter:
     """Streams float32 rows to disk, then writes `<name>.npy` (N, D) and `<name>.paths.txt` atomically.
 
-    Rows go to a temp file as they come, so memory stays flat; the .npy appears only when close() finishes."""
+    Rows go to a temp file as they come, so memory stays flat; the .npy appears only when close() finishes.
+    Disk errors (full, read-only) are UsageErrors: nothing is written, and the command says why."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        folder = self.path.parent if str(self.path.parent) else Path(".")
-        fd, self._rows_file = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".rows", dir=folder)
+        self.path = _resolved(Path(path))
+        self.sidecar = _resolved(sidecar_path(Path(path)))  # beside the name given, wherever a link points
+        try:
+            fd, self._rows_file = tempfile.mkstemp(prefix=_temp_prefix(self.path), suffix=".rows",
+                                                   dir=_folder(self.path))
+        except OSError as err:
+            raise _write_error(self.path, err) from None
         self._rows = os.fdopen(fd, "wb")
         self._names: list[str] = []
         self._width: int | None = None
@@ -134,22 +192,33 @@ class EmbeddingWriter:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if self._width is None:
             self._width = rows.shape[1]
-        self._rows.write(rows.tobytes())
+        try:
+            self._rows.write(rows.tobytes())
+        except OSError as err:
+            raise _write_error(self.path, err) from None
         self._names.extend(names)
 
     def close(self, width: int) -> None:
-        """Finish: write the .npy (header + rows) and the sidecar to temp files and rename them into place."""
-        self._rows.close()
+        """Finish: write the .npy (header + rows) and the sidecar to temp files, then rename both into place."""
         count, width = len(self._names), self._width or width
+        sidecar = self.sidecar
         try:
-            with atomic_file(sidecar_path(self.path)) as handle:
-                handle.write("".join(_one_line(name) + "\n" for name in self._names))
-            with atomic_file(self.path, "wb") as handle:
+            self._rows.close()
+            # Both files are complete on disk before either is renamed: the pair is replaced together, so an
+            # interruption leaves the old pair (or none), never a new .npy beside an old sidecar.
+            with _temp_file(sidecar, "w") as (names, names_temp), _temp_file(self.path, "wb") as (array, array_temp):
+                names.write("".join(_one_line(name) + "\n" for name in self._names))
+                _finish_file(names)
                 np.lib.format.write_array_header_1_0(
-                    handle, {"descr": "<f4", "fortran_order": False, "shape": (count, width)})
+                    array, {"descr": "<f4", "fortran_order": False, "shape": (count, width)})
                 with open(self._rows_file, "rb") as rows:
                     while chunk := rows.read(1 << 20):
-                        handle.write(chunk)
+                        array.write(chunk)
+                _finish_file(array)
+                os.replace(array_temp, self.path)
+                os.replace(names_temp, sidecar)
+        except OSError as err:
+            raise _write_error(self.path, err) from None
         finally:
             _remove(self._rows_file)
 
@@ -159,14 +228,76 @@ class EmbeddingWriter:
         _remove(self._rows_file)
 
 
+def is_stream(path: Path) -> bool:
+    """True for an output to write in place, never replace: an existing non-regular file (a terminal, pipe or
+    device such as /dev/null), or a link to an open file descriptor (/dev/stdout, /dev/fd/1), whatever it is."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    if stat.S_ISDIR(mode):
+        return False
+    if not stat.S_ISREG(mode):
+        return True
+    # /dev/stdout -> /proc/self/fd/1 -> the file the shell redirected stdout to: renaming onto that would swap
+    # the shell's file for a new one, so follow the links one by one and look for a file descriptor.
+    link = os.fspath(path)
+    for _ in range(40):
+        if link.startswith(("/dev/fd/", "/dev/stdout", "/dev/stderr")) or (
+                link.startswith("/proc/") and "/fd/" in link):
+            return True
+        if not os.path.islink(link):
+            return False
+        link = os.path.join(os.path.dirname(link), os.readlink(link))
+    return False
+
+
+def _resolved(path: Path) -> Path:
+    # Through a symbolic link to the file it names: renaming onto the link would replace the link, not the file.
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+
+
+def _write_error(path: Path, err: OSError) -> UsageError:
+    return UsageError(f"cannot write '{path}': {_os_reason(err)}; check the disk and the folder")
+
+
+def _temp_prefix(path: Path) -> str:
+    # Hidden, named after the target, and short enough that the temp name fits where the target's name fits.
+    return f".{path.name[:120]}."
+
+
+def _folder(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def _os_reason(err: OSError) -> str:
+    return (err.strerror or type(err).__name__).lower()
+
+
+# Every character str.splitlines() breaks at, so that any line reader gets one sidecar line per row.
+_SIDECAR_BREAKS = {ord("\n"): "\\n", ord("\r"): "\\r", 0x0B: "\\x0b", 0x0C: "\\x0c", 0x1C: "\\x1c",
+                   0x1D: "\\x1d", 0x1E: "\\x1e", 0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def _one_line(name: str) -> str:
     # A path or text holding a line break would shift every later line of the sidecar: write it as "\n".
-    return name.replace("\r", "\\r").replace("\n", "\\n")
+    return name.translate(_SIDECAR_BREAKS)
 
 
 def display_path(path: str) -> str:
     """A path as printable text: bytes that are not UTF-8 (kept by os as surrogates) shown as \\xNN escapes."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# C0/C1 control characters, DEL and the Unicode line/paragraph separators: a file name holding a line break or an
+# escape sequence must not split a stderr line or drive the terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def display_line(text: str) -> str:
+    """`text` as one printable stderr line: non-UTF-8 bytes as \\xNN, line breaks and control characters escaped."""
+    return display_path(text).translate(_CONTROL)
 
 
 def _remove(path: str) -> None:

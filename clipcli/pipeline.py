@@ -3,6 +3,7 @@ return data (numpy float32, paths, failures). Never formats text or writes files
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -59,39 +60,133 @@ def find_images(inputs: Sequence[str]) -> tuple[list[str], list[Failure]]:
 
 
 def _walk(directory: str, found: set[str], failures: list[Failure], seen: set[tuple[int, int]]) -> None:
-    try:
-        info = os.stat(directory)
-    except OSError as err:
-        failures.append(Failure(directory, _os_reason(err)))
-        return
-    key = (info.st_dev, info.st_ino)
-    if key in seen:
-        return
-    seen.add(key)
-    try:
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
-    except OSError as err:
-        failures.append(Failure(directory, _os_reason(err)))
-        return
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
+    # Depth-first with an explicit stack, not recursion: a tree nested deeper than Python's recursion limit
+    # (a few thousand short folder names fit in a path) is walked like any other.
+    stack = [directory]
+    while stack:
+        folder = stack.pop()
         try:
-            is_dir = entry.is_dir()  # follows symlinks: a linked folder is walked, a loop ends at `seen`
+            info = os.stat(folder)
         except OSError as err:
-            failures.append(Failure(entry.path, _os_reason(err)))
+            failures.append(Failure(folder, _os_reason(err)))
             continue
-        if is_dir:
-            _walk(entry.path, found, failures, seen)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-            if entry.is_symlink() and not os.path.exists(entry.path):
-                failures.append(Failure(entry.path, "broken symbolic link"))
-            else:
-                found.add(entry.path)
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as err:
+            failures.append(Failure(folder, _os_reason(err)))
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks: a linked folder is walked, a loop ends at `seen`
+            except OSError as err:
+                failures.append(Failure(entry.path, _os_reason(err)))
+                continue
+            if is_dir:
+                subfolders.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                if entry.is_symlink() and not os.path.exists(entry.path):
+                    failures.append(Failure(entry.path, "broken symbolic link"))
+                else:
+                    found.add(entry.path)
+        stack.extend(reversed(subfolders))  # visit in name order, as a recursive walk would
 
 
 def _os_reason(err: OSError) -> str:
     return err.strerror.lower() if err.strerror else type(err).__name__
+
+
+# glibc's mallopt parameters, from malloc.h.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS; False if not glibc.
+
+    Every batch allocates and frees the same large buffers (decoded photos, (B, T, 4D) activations). By default
+    glibc maps most of them fresh and unmaps them on free, so each batch page-faults them in again: 10-20% of
+    decode time and up to a fifth of model time on CPU (benchmarks/README.md). Process-wide, so it is for
+    programs, not import time: the CLI calls it once per command. Peak memory is unchanged; freed memory simply
+    stays with the process until it exits."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    # No mmap'd blocks, so large buffers come from the heap and are reused; trim the heap only past 1 GiB free.
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+
+
+def default_workers() -> int:
+    """Decode threads when --workers is not given: one per CPU core this process may run on."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def decode_ahead(device: torch.device) -> int:
+    """Batches decoded in the background while the model runs: 0 on CPU, 2 on an accelerator.
+
+    On CPU the model already uses every core, so decoding alongside it only makes the two fight for cores;
+    decoding each batch on all cores between model calls was measured faster (benchmarks/README.md). A GPU
+    computes while the CPU decodes, so there the next batches are prepared during each model call."""
+    return 0 if device.type == "cpu" else 2
+
+
+def decode_chunks(
+    clip: Clip, paths: Sequence[str], chunk_size: int, workers: int | None = None, draft: bool = False,
+    ahead: int = 0,
+) -> Iterator[list[tuple[str, torch.Tensor | Failure]]]:
+    """Consecutive `chunk_size` slices of paths as lists of (path, (3, H, W) float32 pixels or Failure).
+
+    Each slice is decoded by `workers` threads at once; `ahead` further slices are decoded in the background
+    while the caller works on the current one, so at most (ahead + 1) * chunk_size decoded images are held."""
+    if chunk_size < 1 or ahead < 0:
+        raise UsageError(f"chunk size must be at least 1 and ahead at least 0, got {chunk_size} and {ahead}")
+    config = clip.preprocess
+    draft_size = config.draft_size if draft else None
+
+    def work(path: str) -> torch.Tensor | Failure:
+        try:
+            return preprocess(load_image(Path(path), draft_size=draft_size), config)
+        except InputError as err:
+            return Failure(path, str(err))
+
+    def submit_all(pool: ThreadPoolExecutor, chunk: Sequence[str]) -> list[tuple[str, Future]]:
+        # Largest files first: the slice is done when its slowest image is, so a big photo should not start last
+        # while the other threads idle (measured about 1.5% faster on mixed photo sizes).
+        futures = {index: pool.submit(work, chunk[index]) for index in sorted(
+            range(len(chunk)), key=lambda i: _file_size(chunk[i]), reverse=True)}
+        return [(path, futures[index]) for index, path in enumerate(chunk)]
+
+    with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="clip-decode") as pool:
+        pending: deque[list[tuple[str, Future]]] = deque()
+        try:
+            for start in range(0, len(paths), chunk_size):
+                pending.append(submit_all(pool, paths[start:start + chunk_size]))
+                if len(pending) > ahead:
+                    yield [(path, future.result()) for path, future in pending.popleft()]
+            while pending:
+                yield [(path, future.result()) for path, future in pending.popleft()]
+        finally:  # the caller stopped early: drop what has not started
+            for chunk in pending:
+                for _, future in chunk:
+                    future.cancel()
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # reported by load_image
+        return 0
 
 
 def decode_images(
@@ -100,57 +195,41 @@ def decode_images(
     """(path, (3, H, W) float32 pixels or Failure) in input order, decoded by `workers` threads ahead of use.
 
     At most a few dozen decoded images wait at a time, so memory does not grow with the number of paths."""
-    config = clip.preprocess
-    draft_size = config.draft_size if draft else None
-    workers = workers or max(os.cpu_count() or 1, 1)
-
-    def work(path: str) -> torch.Tensor | Failure:
-        try:
-            return preprocess(load_image(Path(path), draft_size=draft_size), config)
-        except InputError as err:
-            return Failure(path, str(err))
-
-    window = max(4 * workers, 16)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-decode") as pool:
-        pending: deque[tuple[str, Future]] = deque()
-        todo = iter(paths)
-        try:
-            for path in todo:
-                pending.append((path, pool.submit(work, path)))
-                if len(pending) >= window:
-                    done_path, future = pending.popleft()
-                    yield done_path, future.result()
-            while pending:
-                done_path, future = pending.popleft()
-                yield done_path, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
+    chunk = 4 * (workers or default_workers())
+    for decoded in decode_chunks(clip, paths, chunk, workers, draft, ahead=1):
+        yield from decoded
 
 
 def image_features(
     clip: Clip, paths: Sequence[str], batch_size: int = 32, workers: int | None = None, draft: bool = False,
-    on_failure: Callable[[Failure], None] | None = None, progress: Progress | None = None,
+    on_failure: Callable[[Failure], None] | None = None, progress: Progress | None = None, *,
+    ahead: int | None = None,
 ) -> Iterator[Batch]:
-    """Batches of raw projected image features, (B, D) float32, for the paths that decode; failures reported."""
+    """Batches of raw projected image features, (B, D) float32, for the paths that decode; failures reported.
+
+    Every batch but the last holds exactly `batch_size` images. `ahead` batches are decoded during each model call
+    (default: decode_ahead(device)), so memory stays flat however many paths there are."""
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     names: list[str] = []
     pixels: list[torch.Tensor] = []
-    for path, item in decode_images(clip, paths, workers=workers, draft=draft):
-        if isinstance(item, Failure):
-            if on_failure:
-                on_failure(item)
-            if progress:
-                progress(1)
-            continue
-        names.append(path)
-        pixels.append(item)
-        if len(pixels) == batch_size:
-            yield Batch(names, _encode_pixels(clip, pixels))
-            if progress:
-                progress(len(names))
-            names, pixels = [], []
+    ahead = decode_ahead(clip.device) if ahead is None else ahead
+    chunks = decode_chunks(clip, paths, batch_size, workers, draft, ahead=ahead)
+    for chunk in chunks:
+        for path, item in chunk:
+            if isinstance(item, Failure):
+                if on_failure:
+                    on_failure(item)
+                if progress:
+                    progress(1)
+                continue
+            names.append(path)
+            pixels.append(item)
+            if len(pixels) == batch_size:
+                yield Batch(names, _encode_pixels(clip, pixels))
+                if progress:
+                    progress(len(names))
+                names, pixels = [], []
     if pixels:
         yield Batch(names, _encode_pixels(clip, pixels))
         if progress:
@@ -158,10 +237,12 @@ def image_features(
 
 
 def _encode_pixels(clip: Clip, pixels: list[torch.Tensor]) -> np.ndarray:
-    batch = torch.stack(pixels)  # (B, 3, H, W) float32
-    if clip.device.type == "cuda":
-        batch = batch.pin_memory()
-    batch = batch.to(device=clip.device, dtype=clip.dtype, non_blocking=True)
+    """Preprocessed (3, H, W) float32 images -> (B, D) float32 features, computed in the model's dtype."""
+    pinned = clip.device.type == "cuda"
+    # Stacked straight into page-locked memory on CUDA, so the copy to the GPU can run asynchronously.
+    batch = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.float32, pin_memory=pinned)  # (B, 3, H, W)
+    torch.stack(pixels, out=batch)
+    batch = batch.to(device=clip.device, dtype=clip.dtype, non_blocking=pinned)
     with torch.inference_mode():
         return clip.model.encode_image(batch).float().cpu().numpy()
 

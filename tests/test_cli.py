@@ -1,0 +1,642 @@
+"""The `clip` command against cli-contract.md: Typer's CliRunner for most cases, the installed entry point as a real
+process where a process matters (entry point, stderr without a terminal, signals). Every number printed is checked
+against transformers' CLIPModel on the same tiny checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipcli.cli import app
+from tests.conftest import photo
+
+LABELS = ["cat", "dog", "red car", "rocket ship"]
+TWO_TEMPLATES = ["a photo of a {}.", "a blurry drawing of the {}."]
+PROB_ATOL = 1e-4
+CLIP_BIN = Path(sys.executable).with_name("clip")  # the installed console script beside this interpreter
+
+RUNNER = CliRunner()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared with test_hostile.py
+
+
+def invoke(*args: object, env: dict[str, str] | None = None):
+    """Run the Typer app in-process; stdout and stderr come back separately (result.stdout, result.stderr)."""
+    return RUNNER.invoke(app, [os.fspath(a) if isinstance(a, Path) else str(a) for a in args], env=env)
+
+
+def assert_usage_error(result, *fragments: str) -> str:
+    """Exit 2, nothing on stdout, stderr exactly one line 'error: ...' that contains every fragment; returns it."""
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def assert_click_usage_error(result, *fragments: str) -> str:
+    """Typer's own usage errors: exit 2, plain text (no Rich panel) ending in exactly one 'Error: ...' line."""
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("Usage: clip"), result.stderr
+    assert [line for line in lines if line.startswith("Error")] == [lines[-1]], result.stderr
+    assert lines[-1].startswith("Error: ") and not set("╭╮╰╯│") & set(result.stderr), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]
+
+
+def clip_env(**extra: str) -> dict[str, str]:
+    """Environment for a real `clip` process: offline, no CLIP_MODEL from the user's shell."""
+    env = {k: v for k, v in os.environ.items() if k != "CLIP_MODEL"}
+    env.update(HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def clip_command() -> list[str]:
+    """The installed `clip` script, else the module (the package is not installed beside this interpreter)."""
+    return [str(CLIP_BIN)] if CLIP_BIN.exists() else [sys.executable, "-m", "clipcli"]
+
+
+def run_clip(*args: object, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the installed `clip` as a real process (stdin closed, stdout and stderr pipes, so no terminal)."""
+    return subprocess.run([*clip_command(), *map(os.fspath, args)], capture_output=True, stdin=subprocess.DEVNULL,
+                          env=clip_env(), timeout=timeout)
+
+
+def interrupt(args: list[object], signum: int, started: Callable[[int], bool]) -> subprocess.CompletedProcess:
+    """Start `clip args`, wait until `started(pid)` says it is at work, then send `signum`; the finished process."""
+    proc = subprocess.Popen([*clip_command(), *map(os.fspath, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=clip_env())
+    deadline = time.monotonic() + 60
+    try:
+        while not started(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert proc.poll() is None, f"clip ended before it was interrupted: {proc.communicate()}"
+        time.sleep(0.01)  # inside the run: a few hundred images at batch size 1 take far longer
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def reading_images_in(folder: Path, output: Path | None = None) -> Callable[[int], bool]:
+    """started() for interrupt(): true once the process has a file under `folder` open (it is decoding images),
+    or, given `output`, once a temp file of rows has appeared beside it (embed streams rows there as it goes)."""
+    prefix = str(folder.resolve()) + os.sep
+
+    def started(pid: int) -> bool:
+        if output is not None and any(output.parent.glob(f".{output.name}.*.rows")):
+            return True
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            return False
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    return started
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """In-process runs of a tiny model are fastest on one intra-op thread, which also keeps OpenMP from spinning
+    against the decode threads on a small or busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(),
+                                reason="watching a process's open files needs Linux /proc")
+
+
+@pytest.fixture(scope="session")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 small PNGs: at --batch-size 1 --workers 1 a run over them lasts long enough to be interrupted."""
+    folder = tmp_path_factory.mktemp("many")
+    for i in range(400):
+        photo(24, 24, seed=i).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def temp_files(folder: Path) -> list[str]:
+    """Files that only a run in progress should have: clipcli's temp files are hidden names beside the output."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reference: transformers on the same checkpoint
+
+
+class Reference:
+    """transformers.CLIPModel + CLIPImageProcessorPil + CLIPTokenizer loaded from the tiny model directory."""
+
+    def __init__(self, directory: Path) -> None:
+        import transformers
+
+        self.model = transformers.CLIPModel.from_pretrained(directory).eval()
+        processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        self.processor = processor.from_pretrained(directory)
+        self.tokenizer = transformers.CLIPTokenizer.from_pretrained(directory)
+
+    def pixels(self, paths: list[str]) -> torch.Tensor:
+        images = [Image.open(p).convert("RGB") for p in paths]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(texts, padding=True, return_tensors="pt"))
+
+    @torch.no_grad()
+    def image_features(self, paths: list[str]) -> np.ndarray:
+        out = self.model.get_image_features(pixel_values=self.pixels(paths))
+        return getattr(out, "pooler_output", out).numpy()
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> np.ndarray:
+        out = self.model.get_text_features(**self.texts(texts))
+        return getattr(out, "pooler_output", out).numpy()
+
+    @torch.no_grad()
+    def probs(self, paths: list[str], labels: list[str], templates: list[str] = ("a photo of a {}.",)) -> np.ndarray:
+        """(N, L): with one template exactly CLIPModel(...).logits_per_image.softmax(-1); several are ensembled."""
+        if len(templates) == 1:
+            prompts = [templates[0].replace("{}", label) for label in labels]
+            out = self.model(pixel_values=self.pixels(paths), **self.texts(prompts))
+            return out.logits_per_image.softmax(-1).numpy()
+        # The CLIP paper's ensemble: mean of the L2-normalised prompt embeddings per label, re-normalised.
+        prompts = [t.replace("{}", label) for label in labels for t in templates]
+        text = unit(torch.from_numpy(self.text_features(prompts))).reshape(len(labels), len(templates), -1)
+        text = unit(text.mean(dim=1))
+        image = unit(torch.from_numpy(self.image_features(paths)))
+        return (self.model.logit_scale.exp() * image @ text.T).softmax(-1).numpy()
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir: Path) -> Reference:
+    return Reference(tiny_model_dir)
+
+
+@pytest.fixture()
+def in_images_parent(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run from the image folder's parent and name the folder relatively: short paths, as a user types them."""
+    monkeypatch.chdir(image_folder.parent)
+    return image_folder.name
+
+
+def expected_paths(folder: str) -> list[str]:
+    """The images of conftest's image_folder as `clip` names them when given `folder`: found paths, sorted."""
+    return [f"{folder}/a.jpg", f"{folder}/b.png", f"{folder}/sub/c.webp", f"{folder}/sub/d.BMP"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# classify: formats and numbers
+
+
+def parse(fmt: str, text: str, labels: list[str]) -> list[dict]:
+    """csv/json/jsonl output -> [{path, label, score, scores}] (scores as given in the output)."""
+    if fmt == "jsonl":
+        assert text.endswith("\n")
+        return [json.loads(line) for line in text.splitlines()]
+    if fmt == "json":
+        rows = json.loads(text)
+        assert isinstance(rows, list)
+        return rows
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader)
+    assert header == ["path", "label", "score", *labels]
+    return [{"path": row[0], "label": row[1], "score": float(row[2]),
+             "scores": {label: float(v) for label, v in zip(labels, row[3:])}} for row in reader]
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "jsonl"])
+def test_classify_formats_match_transformers(tiny_model_dir, in_images_parent, reference, fmt):
+    folder = in_images_parent
+    result = invoke("classify", folder, "--labels", ",".join(LABELS), "--format", fmt, "-m", tiny_model_dir)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stderr == ""
+    paths = expected_paths(folder)
+    want = reference.probs(paths, LABELS)  # (4 images, 4 labels)
+    if fmt == "table":
+        lines = result.stdout.splitlines()
+        assert "top label" in lines[0]
+        for path, row in zip(paths, want):
+            line = next(line for line in lines if path in line)
+            top = LABELS[int(row.argmax())]
+            shown = re.search(re.escape(top) + r" (\d+\.\d)%", line)
+            assert shown, (top, line)
+            assert abs(float(shown.group(1)) - 100 * row.max()) <= 0.051
+        return
+    rows = parse(fmt, result.stdout, LABELS)
+    assert [r["path"] for r in rows] == paths  # sorted paths, as found
+    got = np.array([[r["scores"][label] for label in LABELS] for r in rows])
+    np.testing.assert_allclose(got, want, atol=PROB_ATOL, rtol=0)
+    assert [r["label"] for r in rows] == [LABELS[i] for i in want.argmax(-1)]
+    np.testing.assert_allclose([r["score"] for r in rows], want.max(-1), atol=PROB_ATOL, rtol=0)
+    for r in rows:
+        assert list(r["scores"]) == LABELS  # every label, in the order given
+
+
+def test_json_is_a_list_of_the_jsonl_objects(tiny_model_dir, in_images_parent):
+    args = ("classify", in_images_parent, "-l", "cat,dog,car", "-m", tiny_model_dir)
+    as_json, as_jsonl = invoke(*args, "-f", "json"), invoke(*args, "-f", "jsonl")
+    assert as_json.exit_code == as_jsonl.exit_code == 0
+    assert as_json.stderr == as_jsonl.stderr == ""
+    objects = [json.loads(line) for line in as_jsonl.stdout.splitlines()]
+    assert json.loads(as_json.stdout) == objects
+    assert len(objects) == 4
+    for obj in objects:
+        assert {"path", "label", "score", "scores"} <= set(obj)
+        assert obj["label"] == max(obj["scores"], key=obj["scores"].get)
+        assert obj["score"] == obj["scores"][obj["label"]]
+        assert sum(obj["scores"].values()) == pytest.approx(1, abs=1e-5)
+
+
+@pytest.mark.parametrize("templates", [
+    pytest.param(["-t", TWO_TEMPLATES[0], "-t", TWO_TEMPLATES[1]], id="two-t"),
+    pytest.param(["--templates", "imagenet"], id="imagenet"),
+])
+def test_template_ensemble_matches_reference(tiny_model_dir, in_images_parent, reference, templates):
+    from clipcli.templates import TEMPLATE_SETS
+
+    result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), *templates, "-f", "jsonl",
+                    "-m", tiny_model_dir)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stderr == ""
+    prompts = TWO_TEMPLATES if templates[0] == "-t" else TEMPLATE_SETS["imagenet"]
+    assert len(prompts) in (2, 80)
+    paths = expected_paths(in_images_parent)
+    want = reference.probs(paths, LABELS, prompts)
+    rows = parse("jsonl", result.stdout, LABELS)
+    assert [r["path"] for r in rows] == paths
+    got = np.array([[r["scores"][label] for label in LABELS] for r in rows])
+    np.testing.assert_allclose(got, want, atol=PROB_ATOL, rtol=0)
+    assert [r["label"] for r in rows] == [LABELS[i] for i in want.argmax(-1)]
+    # An ensemble is not the single default template: the option really changed the prompts.
+    assert not np.allclose(want, reference.probs(paths, LABELS), atol=1e-3)
+
+
+def test_top_k(tiny_model_dir, in_images_parent, reference):
+    paths = expected_paths(in_images_parent)
+    want = reference.probs(paths, LABELS)
+    result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "-k", "2", "-f", "jsonl",
+                    "-m", tiny_model_dir)
+    assert result.exit_code == 0 and result.stderr == ""
+    for obj, row in zip(parse("jsonl", result.stdout, LABELS), want):
+        assert [t["label"] for t in obj["top"]] == [LABELS[i] for i in np.argsort(-row)[:2]]
+        assert len(obj["scores"]) == len(LABELS)  # top-k trims the ranking, never the scores
+    table = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "--top-k", "1", "-m", tiny_model_dir)
+    assert table.exit_code == 0 and table.stderr == ""
+    assert "top label" in table.stdout and "#2" not in table.stdout
+    assert table.stdout.count("%") == len(paths)
+
+
+def test_output_file(tiny_model_dir, in_images_parent, reference, tmp_path):
+    target = tmp_path / "out.csv"
+    result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "-f", "csv", "-o", target,
+                    "-m", tiny_model_dir)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stdout == "" and result.stderr == ""
+    rows = parse("csv", target.read_text(encoding="utf-8"), LABELS)
+    assert [r["path"] for r in rows] == expected_paths(in_images_parent)
+    got = np.array([[r["scores"][label] for label in LABELS] for r in rows])
+    np.testing.assert_allclose(got, reference.probs(expected_paths(in_images_parent), LABELS), atol=PROB_ATOL)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # what a plain open() gives, not a temp file's 0600
+    assert sorted(os.listdir(tmp_path)) == ["out.csv"]  # no temp files left
+
+    target.write_text("old\n")
+    target.chmod(0o640)
+    again = invoke("classify", in_images_parent, "-l", "cat,dog", "-f", "jsonl", "-o", target, "-m", tiny_model_dir)
+    assert again.exit_code == 0 and again.stdout == "" and again.stderr == ""
+    assert len(target.read_text().splitlines()) == 4
+    assert target.stat().st_mode & 0o777 == 0o640  # replacing a file keeps its permissions
+
+
+def test_output_through_a_link_or_into_a_pipe(tiny_model_dir, in_images_parent, tmp_path):
+    # A link is written through (the link stays); a pipe is written in place, never replaced by a file.
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    result = invoke("classify", in_images_parent, "-l", "cat,dog", "-f", "jsonl", "-o", link, "-m", tiny_model_dir)
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
+    assert link.is_symlink() and len(real.read_text().splitlines()) == 4
+    if not hasattr(os, "mkfifo"):
+        return
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        result = invoke("classify", in_images_parent, "-l", "cat,dog", "-f", "csv", "-o", fifo, "-m", tiny_model_dir)
+    finally:
+        reader.join(5)
+        if reader.is_alive():  # the command never opened the pipe: let the reader go
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert received[0].decode().splitlines()[0] == "path,label,score,cat,dog" and len(received[0].splitlines()) == 5
+    # embed needs real files for the .npy and its sidecar: a pipe is refused before any work.
+    assert_usage_error(invoke("embed", in_images_parent, "-o", fifo, "-m", tiny_model_dir), str(fifo),
+                       "not a regular file")
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "link.jsonl", "real.jsonl"]
+
+
+def test_labels_file(tiny_model_dir, in_images_parent, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\n\n   \n  red car  \ndog\n\n", encoding="utf-8")
+    result = invoke("classify", in_images_parent, "--labels-file", labels, "-f", "csv", "-m", tiny_model_dir)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stderr == ""
+    rows = parse("csv", result.stdout, ["cat", "red car", "dog"])  # blank lines ignored, items stripped
+    assert len(rows) == 4
+
+
+USAGE_ERRORS = {
+    "duplicate-label": (["{images}", "-l", "cat,dog,cat"], ["'cat'", "twice"]),
+    "duplicate-after-strip": (["{images}", "-l", "cat, cat "], ["'cat'", "twice"]),
+    "empty-labels": (["{images}", "-l", ",, ,"], ["no labels", "--labels"]),
+    "no-labels": (["{images}"], ["no labels"]),
+    "labels-and-file": (["{images}", "-l", "cat", "--labels-file", "{tmp}/labels.txt"], ["not both"]),
+    "labels-file-missing": (["{images}", "--labels-file", "{tmp}/missing.txt"], ["missing.txt", "does not exist"]),
+    "template-without-braces": (["{images}", "-l", "cat", "-t", "a photo"], ["'a photo'", "{}"]),
+    "unknown-template-set": (["{images}", "-l", "cat", "--templates", "nope"], ["'nope'", "imagenet"]),
+    "missing-path": (["{images}/nope.jpg", "-l", "cat"], ["nope.jpg", "does not exist"]),
+    "unknown-model-path": (["{images}", "-l", "cat", "-m", "{tmp}/no-such-model"], ["no-such-model", "not found"]),
+    "non-utf8-label": (["{images}", "-l", "caf\udce9,dog"], ["caf\\xe9", "UTF-8"]),
+    "unknown-device": (["{images}", "-l", "cat", "--device", "tpu"], ["'tpu'", "cpu"]),
+    "unknown-dtype": (["{images}", "-l", "cat", "--dtype", "fp8"], ["'fp8'", "fp32"]),
+    "output-is-directory": (["{images}", "-l", "cat", "-o", "{tmp}"], ["is a directory"]),
+}
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_classify_usage_errors(tiny_model_dir, image_folder, tmp_path, case):
+    args, fragments = USAGE_ERRORS[case]
+    (tmp_path / "labels.txt").write_text("cat\n")
+    fill = {"images": str(image_folder), "tmp": str(tmp_path)}
+    argv = [a.format(**fill) for a in args]
+    if "-m" not in argv:
+        argv += ["-m", str(tiny_model_dir)]
+    assert_usage_error(invoke("classify", *argv), *fragments)
+    assert sorted(os.listdir(tmp_path)) == ["labels.txt"]  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_device_cuda_without_gpu(tiny_model_dir, image_folder):
+    line = assert_usage_error(invoke("classify", image_folder, "-l", "cat", "--device", "cuda", "-m", tiny_model_dir),
+                              "cuda")
+    assert "--device cpu" in line
+
+
+def test_bad_format_is_a_plain_usage_error(tiny_model_dir, image_folder):
+    assert_click_usage_error(invoke("classify", image_folder, "-l", "cat", "-f", "xml", "-m", tiny_model_dir),
+                             "--format", "xml", "jsonl")
+
+
+def test_top_k_zero_is_a_plain_usage_error(tiny_model_dir, image_folder):
+    assert_click_usage_error(invoke("classify", image_folder, "-l", "cat", "-k", "0", "-m", tiny_model_dir), "--top-k")
+
+
+def test_hub_id_neither_cached_nor_reachable(image_folder, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # never the user's cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    line = assert_usage_error(invoke("classify", image_folder, "-l", "cat", "-m", "someone/clip-not-cached"),
+                              "'someone/clip-not-cached'", "--model")
+    assert "cache" in line
+
+
+def test_clip_model_env_var(tiny_model_dir, in_images_parent, reference, tmp_path):
+    result = invoke("classify", in_images_parent, "-l", "cat,dog", "-f", "jsonl",
+                    env={"CLIP_MODEL": str(tiny_model_dir)})
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stderr == ""
+    got = np.array([[r["scores"]["cat"], r["scores"]["dog"]] for r in parse("jsonl", result.stdout, [])])
+    np.testing.assert_allclose(got, reference.probs(expected_paths(in_images_parent), ["cat", "dog"]), atol=PROB_ATOL)
+    missing = tmp_path / "env-model"
+    assert_usage_error(invoke("classify", in_images_parent, "-l", "cat", env={"CLIP_MODEL": str(missing)}),
+                       str(missing), "not found")
+
+
+def test_quiet_changes_nothing_but_the_bar(tiny_model_dir, in_images_parent):
+    args = ("classify", in_images_parent, "-l", "cat,dog", "-f", "jsonl", "-m", tiny_model_dir)
+    loud, quiet = invoke(*args), invoke(*args, "--quiet")
+    assert loud.exit_code == quiet.exit_code == 0
+    assert loud.stderr == quiet.stderr == ""  # stderr is no terminal here: no progress bar either way
+    assert quiet.stdout == loud.stdout and len(quiet.stdout.splitlines()) == 4
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout == f"clip {version('clipcli')}\n"
+
+
+@pytest.mark.parametrize("command, example", [
+    ([], "clip classify photos/ --labels cat,dog,car"),
+    (["classify"], "clip classify photos/ --labels cat,dog,car"),
+    (["embed"], "clip embed photos/ -o emb.npy"),
+    (["convert-weights"], "clip convert-weights ViT-B-32.pt"),
+])
+def test_help_shows_examples(command, example):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert "Examples:" in result.stdout or "Example:" in result.stdout
+    assert example in result.stdout
+    if command == ["classify"]:
+        for option in ("--labels", "--labels-file", "--template", "--templates", "--top-k", "--format", "--output",
+                       "--model", "CLIP_MODEL", "--batch-size", "--device", "--dtype", "--quiet"):
+            assert option in result.stdout
+        assert "table|csv|json|jsonl" in result.stdout
+
+
+def test_python_m_clipcli_help():
+    proc = subprocess.run([sys.executable, "-m", "clipcli", "--help"], capture_output=True, env=clip_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+    assert proc.stdout.startswith(b"Usage: clip ") and b"classify" in proc.stdout and b"embed" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# embed
+
+
+def load_embeddings(npy: Path) -> tuple[np.ndarray, list[str]]:
+    rows = np.load(npy, allow_pickle=False)
+    names = npy.with_name(npy.name.removesuffix(".npy") + ".paths.txt").read_text(
+        encoding="utf-8", errors="surrogateescape")
+    assert names.endswith("\n") or names == ""
+    return rows, names.splitlines()
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_embed_images_match_reference(tiny_model_dir, in_images_parent, reference, tmp_path):
+    npy = tmp_path / "emb.npy"
+    result = invoke("embed", in_images_parent, "-o", npy, "-m", tiny_model_dir)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stdout == "" and result.stderr == ""
+    rows, names = load_embeddings(npy)
+    assert names == expected_paths(in_images_parent)  # line i names row i, sorted paths
+    assert rows.dtype == np.float32 and rows.shape == (4, 16)
+    want = reference.image_features(names)
+    assert cosines(rows, want).min() >= 0.99999
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["emb.npy", "emb.paths.txt"]
+
+
+def test_embed_no_normalize_is_raw_features(tiny_model_dir, in_images_parent, reference, tmp_path):
+    npy = tmp_path / "raw.npy"
+    result = invoke("embed", in_images_parent, "-o", npy, "--no-normalize", "-m", tiny_model_dir)
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
+    rows, names = load_embeddings(npy)
+    want = reference.image_features(names)
+    np.testing.assert_allclose(rows, want, atol=1e-4, rtol=1e-4)
+    assert not np.allclose(np.linalg.norm(rows, axis=-1), 1, atol=1e-2)
+
+
+def test_embed_texts_match_reference(tiny_model_dir, reference, tmp_path):
+    text_file = tmp_path / "texts.txt"
+    text_file.write_text("a photo of a cat\n\n  a dog  \n\n", encoding="utf-8")
+    npy = tmp_path / "text.npy"
+    result = invoke("embed", "--text", "a red car", "--text", "two\nlines", "--text-file", text_file, "-o", npy,
+                    "-m", tiny_model_dir)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stdout == "" and result.stderr == ""
+    rows, names = load_embeddings(npy)
+    texts = ["a red car", "two\nlines", "a photo of a cat", "a dog"]  # --text first, then the file's lines, stripped
+    assert names == [t.replace("\n", "\\n") for t in texts]  # a line break inside a text is written as \n
+    want = reference.text_features(texts)  # no template applied
+    assert rows.shape == (4, 16)
+    assert cosines(rows, want).min() >= 0.99999
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1, atol=1e-5)
+    raw = tmp_path / "raw.npy"
+    assert invoke("embed", "--text", "a red car", "-o", raw, "--no-normalize", "-m", tiny_model_dir).exit_code == 0
+    np.testing.assert_allclose(np.load(raw), want[:1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["{images}", "--text", "a cat"], ["not both"]),
+    (["{images}", "--text-file", "{tmp}/texts.txt"], ["not both"]),
+    ([], ["nothing to embed"]),
+    (["--text-file", "{tmp}/empty.txt"], ["no text lines"]),
+    (["--text", "caf\udce9"], ["caf\\xe9", "UTF-8"]),
+    (["{images}", "-o", "{tmp}/no-folder/emb.npy"], ["no-folder", "does not exist"]),
+])
+def test_embed_usage_errors(tiny_model_dir, image_folder, tmp_path, args, fragments):
+    (tmp_path / "texts.txt").write_text("a cat\n")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    fill = {"images": str(image_folder), "tmp": str(tmp_path)}
+    argv = [a.format(**fill) for a in args]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "emb.npy")]
+    assert_usage_error(invoke("embed", *argv, "-m", tiny_model_dir), *fragments)
+    assert sorted(os.listdir(tmp_path)) == ["empty.txt", "texts.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the installed command as a real process
+
+
+def test_installed_clip_runs_and_reports_failures(tiny_model_dir, image_folder, reference, tmp_path):
+    if not CLIP_BIN.exists():
+        pytest.skip(f"no `clip` script beside {sys.executable}; install the package (pip install -e .)")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    proc = run_clip("classify", image_folder, broken, "-l", "cat,dog", "-f", "jsonl", "-m", tiny_model_dir)
+    assert proc.returncode == 1, proc.stderr
+    # stderr is a pipe: no progress bar, no library warnings; only the failed input and the summary.
+    assert proc.stderr.decode().splitlines() == [f"{broken}: not an image file",
+                                                 "1 input(s) failed; the others were processed"]
+    rows = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    paths = expected_paths(str(image_folder))
+    assert [r["path"] for r in rows] == paths
+    got = np.array([[r["scores"]["cat"], r["scores"]["dog"]] for r in rows])
+    np.testing.assert_allclose(got, reference.probs(paths, ["cat", "dog"]), atol=PROB_ATOL)
+
+
+def test_output_to_dev_stdout_redirected_to_a_file(tiny_model_dir, image_folder, tmp_path):
+    # `-o /dev/stdout` with stdout sent to a file: the file is written through its descriptor, not renamed over.
+    if not Path("/dev/stdout").exists():
+        pytest.skip("no /dev/stdout on this system")
+    redirected = tmp_path / "stdout.txt"
+    redirected.write_text("earlier output\n")
+    inode = redirected.stat().st_ino
+    with open(redirected, "a") as stdout:
+        proc = subprocess.run([*clip_command(), "classify", str(image_folder), "-l", "cat,dog", "-f", "csv",
+                               "-o", "/dev/stdout", "-m", str(tiny_model_dir)], stdout=stdout,
+                              stderr=subprocess.PIPE, env=clip_env(), timeout=60)
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert redirected.stat().st_ino == inode
+    lines = redirected.read_text().splitlines()
+    assert lines[:2] == ["earlier output", "path,label,score,cat,dog"] and len(lines) == 6
+    assert sorted(os.listdir(tmp_path)) == ["stdout.txt"]
+
+
+@needs_proc
+@pytest.mark.parametrize("signum, code, old_output", [
+    pytest.param(signal.SIGINT, 130, True, id="sigint-keeps-old-files"),
+    pytest.param(signal.SIGTERM, 143, False, id="sigterm-writes-nothing"),
+])
+def test_interrupted_embed_writes_nothing(tiny_model_dir, many_images, tmp_path, signum, code, old_output):
+    npy, sidecar = tmp_path / "emb.npy", tmp_path / "emb.paths.txt"
+    if old_output:
+        np.save(npy, np.ones((2, 3), dtype=np.float32))
+        sidecar.write_text("old-a\nold-b\n")
+    proc = interrupt(["embed", many_images, "-o", npy, "--batch-size", "1", "--workers", "1", "-m", tiny_model_dir],
+                     signum, reading_images_in(many_images, npy))
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == b""
+    word = "interrupted" if signum == signal.SIGINT else "terminated"
+    assert proc.stderr.decode().splitlines() == [f"{word}; no output was written"]
+    assert temp_files(tmp_path) == []
+    if old_output:  # nothing already written is lost
+        np.testing.assert_array_equal(np.load(npy), np.ones((2, 3), dtype=np.float32))
+        assert sidecar.read_text() == "old-a\nold-b\n"
+    else:
+        assert sorted(os.listdir(tmp_path)) == []
