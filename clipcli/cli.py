@@ -299,6 +299,9 @@ def info(
 
 def _load(model: str, device: str, dtype: str):  # -> loader.Clip
     from clipcli.loader import load
+    from clipcli.pipeline import keep_freed_memory
+
+    keep_freed_memory()  # process-wide malloc setting: this program's to choose, measured in benchmarks/README.md
 
     return load(model, device=device, dtype=dtype)
 

@@ -111,10 +111,10 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS; False if not glibc.
 
     Every batch allocates and frees the same large buffers (decoded photos, (B, T, 4D) activations). By default
-    glibc maps most of them fresh and unmaps them on free, so each batch page-faults them in again: 10-20% of
-    decode time and up to a fifth of model time on CPU (benchmarks/README.md). Process-wide, so it is for
-    programs, not import time: the CLI calls it once per command. Peak memory is unchanged; freed memory simply
-    stays with the process until it exits."""
+    glibc maps many of them fresh and unmaps them on free, so each batch page-faults them in again: about 15% of
+    decode time and up to a fifth of model time on CPU (benchmarks/README.md). Process-wide, so it is for a
+    program to call once at start (the CLI), never at import. Peak memory is unchanged; freed memory stays with
+    the process for reuse until it exits."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
@@ -135,9 +135,10 @@ def default_workers() -> int:
 def decode_ahead(device: torch.device) -> int:
     """Batches decoded in the background while the model runs: 0 on CPU, 2 on an accelerator.
 
-    On CPU the model already uses every core, so decoding alongside it only makes the two fight for cores;
-    decoding each batch on all cores between model calls was measured faster (benchmarks/README.md). A GPU
-    computes while the CPU decodes, so there the next batches are prepared during each model call."""
+    On CPU the model already uses every core, so decoding alongside it only makes the two fight for cores:
+    decoding each batch on all cores between model calls measured as fast or faster, holding half the decoded
+    images (benchmarks/README.md). A GPU computes while the CPU decodes, so there the next batches are prepared
+    during each model call."""
     return 0 if device.type == "cpu" else 2
 
 

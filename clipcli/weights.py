@@ -208,8 +208,10 @@ def hf_to_openai(state: Mapping[str, torch.Tensor]) -> StateDict:
 def build_model(config: CLIPConfig, state: Mapping[str, torch.Tensor],
                 fix: str = "the checkpoint is incomplete, damaged, or for another architecture") -> CLIPModel:
     """A float32 CLIPModel with `state` (transformers' names) loaded strictly; errors name keys and both shapes."""
-    state = {k: v for k, v in state.items() if k not in DROPPED_HF_KEYS}
-    model = CLIPModel(config)
+    # float32 first: the loaded tensors become the parameters (assign=True), and checkpoints store fp16 too.
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if k not in DROPPED_HF_KEYS}
+    with torch.device("meta"):  # shapes only: no random init that the weights would overwrite at once
+        model = CLIPModel(config)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -224,7 +226,7 @@ def build_model(config: CLIPConfig, state: Mapping[str, torch.Tensor],
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise UsageError(f"checkpoint tensor '{key}' has shape {tuple(state[key].shape)}, the config implies "
                              f"{tuple(tensor.shape)}; {fix}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
