@@ -155,6 +155,7 @@ def classify(
     if output is not None:
         out.check_writable(output)
     images, failures = pipeline.find_images(paths)
+    _warn_if_no_images(images, failures)
     clip = _load(model, device, dtype)
     for label in label_list:
         if any(clip.tokenizer.is_truncated(t.replace("{}", label)) for t in prompt_templates):
@@ -223,7 +224,12 @@ def embed(
     images: list[str] = []
     if not texts:
         images, failures = pipeline.find_images(paths or [])
+        _warn_if_no_images(images, failures)
     clip = _load(model, device, dtype)
+    for item in texts:
+        if clip.tokenizer.is_truncated(item):
+            _eprint(f"warning: text '{item[:60]}{'…' if len(item) > 60 else ''}' is longer than the model's "
+                    f"{clip.tokenizer.context_length}-token context and was truncated")
     writer = out.EmbeddingWriter(output)
     try:
         if texts:
@@ -388,6 +394,14 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self.bar.__exit__(*exc)
+
+
+def _warn_if_no_images(images: list[str], failures: list) -> None:
+    if not images and not failures:
+        from clipcli.pipeline import IMAGE_EXTENSIONS
+
+        _eprint("warning: no images found; images are recognised by extension ("
+                + " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)) + ")")
 
 
 def _finish(failures: list) -> None:

@@ -373,9 +373,10 @@ def _unidentified_reason(file: Any) -> str:
 
 def _decode_reason(exc: Exception) -> str:
     message = str(exc).strip()
-    if isinstance(exc, EOFError) or "truncated" in message or "end of file" in message.lower():
+    lowered = message.lower()
+    if isinstance(exc, EOFError) or "truncated" in lowered or "end of file" in lowered:
         return "truncated image data"
-    if "broken data stream" in message or "broken PNG" in message or "corrupt" in message.lower():
+    if "broken data stream" in lowered or "broken png" in lowered or "corrupt" in lowered:
         return "corrupt image data"
     detail = message.splitlines()[0][:100] if message else type(exc).__name__
     return f"cannot decode image ({detail})"

@@ -640,3 +640,35 @@ def test_interrupted_embed_writes_nothing(tiny_model_dir, many_images, tmp_path,
         assert sidecar.read_text() == "old-a\nold-b\n"
     else:
         assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_empty_folder_warns_and_writes_empty_results(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from clipcli.cli import app
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    result = CliRunner().invoke(app, ["classify", str(tmp_path / "empty"), "-l", "cat,dog", "-m",
+                                      str(tiny_model_dir), "-f", "json"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == "[]"
+    assert result.stderr.startswith("warning: no images found;") and "jpg" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_embed_warns_once_per_truncated_text(tmp_path, tiny_model_dir):
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from clipcli.cli import app
+
+    long_text = " ".join(["word"] * 100)
+    out_path = tmp_path / "t.npy"
+    result = CliRunner().invoke(app, ["embed", "--text", "a cat", "--text", long_text, "-o", str(out_path),
+                                      "-m", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: text 'word word") and "truncated" in lines[0]
+    assert np.load(out_path).shape == (2, 16)
+    assert (tmp_path / "t.paths.txt").read_text().splitlines() == ["a cat", long_text]

@@ -472,3 +472,13 @@ def test_transformers_loads_our_json(tmp_path: Path, config_name: str) -> None:
     for image in (photo(317, 211, seed=9), with_alpha()):
         expected = processor(images=image, return_tensors="np")["pixel_values"][0]
         assert np.abs(preprocess(image, config).numpy() - expected).max() <= TOL
+
+
+def test_decode_reason_recognises_truncation_in_any_case():
+    """Pillow words truncation several ways ("image file is truncated", "Truncated File Read")."""
+    from clipcli.preprocess import _decode_reason
+
+    assert _decode_reason(OSError("Truncated File Read")) == "truncated image data"
+    assert _decode_reason(OSError("image file is truncated (3 bytes not processed)")) == "truncated image data"
+    assert _decode_reason(OSError("broken PNG file")) == "corrupt image data"
+    assert _decode_reason(ValueError("something else")) == "cannot decode image (something else)"
