@@ -350,18 +350,19 @@ def _check_utf8(kind: str, item: str) -> None:
 
 
 def _templates(template: list[str] | None, templates: str | None) -> list[str]:
+    from clipcli.pipeline import DEFAULT_TEMPLATE, check_templates
     from clipcli.templates import TEMPLATE_SETS
 
     chosen = list(template or [])
     for item in chosen:
         _check_utf8("template", item)
-        if "{}" not in item:
-            raise UsageError(f"template '{item}' has no {{}} where the label goes; e.g. 'a photo of a {{}}.'")
     if templates is not None:
         if templates not in TEMPLATE_SETS:
             raise UsageError(f"unknown --templates '{templates}'; use one of {', '.join(TEMPLATE_SETS)}")
         chosen += TEMPLATE_SETS[templates]
-    return chosen or ["a photo of a {}."]
+    chosen = chosen or [DEFAULT_TEMPLATE]
+    check_templates(chosen)  # before the model loads, not after
+    return chosen
 
 
 class _progress:

@@ -71,8 +71,9 @@ def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPCo
         if hidden_act is not None:
             config = dataclasses.replace(config, text=dataclasses.replace(config.text, hidden_act=hidden_act),
                                          vision=dataclasses.replace(config.vision, hidden_act=hidden_act))
-        state = read_state_dict(weights_file(files))
-        with _about(weights_file(files)):
+        weights = weights_file(files)
+        state = read_state_dict(weights)
+        with _about(weights):
             return config, openai_to_hf(state) if is_openai_layout(state) else state
     state = read_state_dict(files.checkpoint)
     act = hidden_act or "quick_gelu"

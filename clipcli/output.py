@@ -204,8 +204,8 @@ class EmbeddingWriter:
         sidecar = self.sidecar
         try:
             self._rows.close()
-            # Both files are complete on disk before either is renamed: the pair is replaced together, so an
-            # interruption leaves the old pair (or none), never a new .npy beside an old sidecar.
+            # Both files are complete on disk before either is renamed, and the .npy is renamed last: a new .npy
+            # never stands beside an old sidecar, and an interruption before the renames leaves the old pair.
             with _temp_file(sidecar, "w") as (names, names_temp), _temp_file(self.path, "wb") as (array, array_temp):
                 names.write("".join(_one_line(name) + "\n" for name in self._names))
                 _finish_file(names)
@@ -215,8 +215,8 @@ class EmbeddingWriter:
                     while chunk := rows.read(1 << 20):
                         array.write(chunk)
                 _finish_file(array)
-                os.replace(array_temp, self.path)
                 os.replace(names_temp, sidecar)
+                os.replace(array_temp, self.path)
         except OSError as err:
             raise _write_error(self.path, err) from None
         finally:

@@ -190,17 +190,6 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def decode_images(
-    clip: Clip, paths: Sequence[str], workers: int | None = None, draft: bool = False,
-) -> Iterator[tuple[str, torch.Tensor | Failure]]:
-    """(path, (3, H, W) float32 pixels or Failure) in input order, decoded by `workers` threads ahead of use.
-
-    At most a few dozen decoded images wait at a time, so memory does not grow with the number of paths."""
-    chunk = 4 * (workers or default_workers())
-    for decoded in decode_chunks(clip, paths, chunk, workers, draft, ahead=1):
-        yield from decoded
-
-
 def image_features(
     clip: Clip, paths: Sequence[str], batch_size: int = 32, workers: int | None = None, draft: bool = False,
     on_failure: Callable[[Failure], None] | None = None, progress: Progress | None = None, *,
@@ -265,15 +254,20 @@ def normalize(rows: np.ndarray) -> np.ndarray:
     return (rows / np.where(norms == 0, 1, norms)).astype(np.float32)
 
 
-def label_embeddings(clip: Clip, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    """(L, D) float32 unit vectors: per label, the mean of its normalised template embeddings, re-normalised."""
-    if not labels:
-        raise UsageError("no labels; pass --labels cat,dog or --labels-file FILE")
+def check_templates(templates: Sequence[str]) -> None:
+    """UsageError unless there is at least one template and each has a {} where the label goes."""
     if not templates:
         raise UsageError("no templates; pass --template 'a photo of a {}.' or omit it for the default")
     for template in templates:
         if "{}" not in template:
             raise UsageError(f"template '{template}' has no {{}} where the label goes; e.g. 'a photo of a {{}}.'")
+
+
+def label_embeddings(clip: Clip, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """(L, D) float32 unit vectors: per label, the mean of its normalised template embeddings, re-normalised."""
+    if not labels:
+        raise UsageError("no labels; pass --labels cat,dog or --labels-file FILE")
+    check_templates(templates)
     prompts = [template.replace("{}", label) for label in labels for template in templates]
     features = normalize(text_features(clip, prompts)).reshape(len(labels), len(templates), -1)
     return normalize(features.mean(axis=1))

@@ -85,3 +85,14 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     photo(50, 50, 3).save(folder / "sub" / "c.webp")
     photo(33, 70, 4).save(folder / "sub" / "d.BMP")
     return folder
+
+
+def assert_usage_error(result, *fragments: str) -> str:
+    """Exit 2, nothing on stdout, stderr exactly one line 'error: ...' that contains every fragment; returns it."""
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

@@ -26,7 +26,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from tests.conftest import photo
+from tests.conftest import assert_usage_error, photo
 
 LABELS = ["cat", "dog", "red car", "rocket ship"]
 TWO_TEMPLATES = ["a photo of a {}.", "a blurry drawing of the {}."]
@@ -43,17 +43,6 @@ RUNNER = CliRunner()
 def invoke(*args: object, env: dict[str, str] | None = None):
     """Run the Typer app in-process; stdout and stderr come back separately (result.stdout, result.stderr)."""
     return RUNNER.invoke(app, [os.fspath(a) if isinstance(a, Path) else str(a) for a in args], env=env)
-
-
-def assert_usage_error(result, *fragments: str) -> str:
-    """Exit 2, nothing on stdout, stderr exactly one line 'error: ...' that contains every fragment; returns it."""
-    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def assert_click_usage_error(result, *fragments: str) -> str:

@@ -26,7 +26,7 @@ from clipcli.errors import UsageError
 from clipcli.loader import Clip, convert, load
 from clipcli.preprocess import PreprocessConfig, load_image, preprocess
 from clipcli.weights import IGNORED_OPENAI_KEYS, build_model, hf_to_openai, openai_to_hf, read_state_dict
-from tests.conftest import make_hf_checkpoint
+from tests.conftest import assert_usage_error, make_hf_checkpoint
 
 FIXTURE = Path(__file__).parents[1].parent / "shared" / "fixtures" / "openai-small"
 JIT = FIXTURE / "openai-small.jit.pt"
@@ -44,13 +44,7 @@ def run(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def error_line(result) -> str:
-    """The single stderr line of a usage error (exit 2, nothing on stdout)."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.stdout == ""
-    return lines[0]
+error_line = assert_usage_error  # the single stderr line of a usage error (exit 2, nothing on stdout)
 
 
 def convert_cli(src: Path | str, dst: Path, *options: str) -> Path:

@@ -18,6 +18,7 @@ from clipcli.cli import app
 from clipcli.errors import UsageError
 from clipcli.loader import load
 from clipcli.resolve import DEFAULT_MODEL, ModelFiles, resolve
+from tests.conftest import assert_usage_error
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -155,20 +156,12 @@ def test_cached_hub_id_without_weights_counts_as_not_cached(tiny_model_dir: Path
 # ------------------------------------------------------------------------------------------------------- CLI
 
 
-def _one_error_line(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.stdout == ""
-    return lines[0]
-
-
 @pytest.mark.parametrize("model", [None, "org/clip-tiny"])
 def test_cli_offline_error_is_one_line(model: str | None, hf_cache: Path, image_folder: Path) -> None:
     args = ["classify", str(image_folder), "--labels", "cat,dog"] + (["--model", model] if model else [])
-    line = _one_error_line(CliRunner().invoke(app, args))
+    line = assert_usage_error(CliRunner().invoke(app, args))
     assert f"'{model or DEFAULT_MODEL}'" in line and "--model" in line
-    line = _one_error_line(CliRunner().invoke(app, ["info", model or DEFAULT_MODEL]))
+    line = assert_usage_error(CliRunner().invoke(app, ["info", model or DEFAULT_MODEL]))
     assert f"'{model or DEFAULT_MODEL}'" in line and "--model" in line
 
 

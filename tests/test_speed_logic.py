@@ -219,9 +219,10 @@ def test_stopping_early_cancels_pending_work(clip, photos: list[str], monkeypatc
     assert len(started) <= 3 * 2  # the chunk handed out and the two ahead, not the 110 paths
 
 
-def test_decode_images_keeps_order_and_reports_failures(clip, photos: list[str], tmp_path: Path) -> None:
+def test_decode_chunks_keeps_order_and_reports_failures(clip, photos: list[str], tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.jpg")
-    items = list(pipeline.decode_images(clip, [missing, *photos], workers=2))
+    items = [item for chunk in pipeline.decode_chunks(clip, [missing, *photos], chunk_size=2, workers=2)
+             for item in chunk]
     assert [path for path, _ in items] == [missing, *photos]
     assert isinstance(items[0][1], pipeline.Failure) and items[0][1].reason == "file not found"
     assert all(tuple(item.shape) == (3, 32, 32) for _, item in items[1:])
@@ -236,7 +237,7 @@ def test_bad_batch_size_is_a_usage_error(clip, photos: list[str]) -> None:
 
 
 def test_default_decode_is_exact(clip, photos: list[str]) -> None:
-    (path, pixels), = pipeline.decode_images(clip, photos[-1:])
+    [(path, pixels)], = pipeline.decode_chunks(clip, photos[-1:], chunk_size=1)
     expected = preprocess(load_image(Path(path)), clip.preprocess)
     assert torch.equal(pixels, expected)
 
