@@ -124,9 +124,9 @@ def main() -> None:
                           for p in (paths * args.batch_size)[:args.batch_size]])  # (B, 3, 224, 224) float32
 
     def model_only(which: str, dtype: str) -> Callable[[], int]:
-        batch = pixels.to(clips[dtype].dtype)
-        if which == "ours":
-            return lambda: clips[dtype].model.encode_image(batch).shape[0]
+        if which == "ours":  # float32 pixels in, the image tower under autocast for bf16 (as the pipeline runs it)
+            return lambda: pipeline.pixel_features(clips[dtype], pixels).shape[0]
+        batch = pixels.to(hf_models[dtype].dtype)  # transformers' usual bf16: the whole model cast
         return lambda: _features(hf_models[dtype].get_image_features(pixel_values=batch)).shape[0]
 
     models = {f"{which} {dtype}": model_only(which, dtype) for dtype in ("fp32", "bf16")
@@ -247,6 +247,19 @@ def main() -> None:
         worst = f"{margins[flipped].max():.1e}" if flipped.any() else "-"
         print(f"  {'ours ' + name:<24} {1 - flipped.mean():7.1%} {np.abs(probs[name] - base).max():12.1e} "
               f"{cosine.min():11.6f} {worst:>23}")
+    # The same measure for transformers' bf16 (model cast whole, residual sums included), on the same pixels.
+    exact_pixels = torch.stack([preprocess(load_image(Path(p)), clips["fp32"].preprocess) for p in paths])
+    prompt_ids = clips["fp32"].tokenizer.encode([TEMPLATE.replace("{}", label) for label in LABELS])
+    with torch.inference_mode():
+        hf_rows = torch.cat([_features(hf_models["bf16"].get_image_features(pixel_values=chunk.to(torch.bfloat16)))
+                             for chunk in exact_pixels.split(args.batch_size)]).float().numpy()
+        hf_text = _features(hf_models["bf16"].get_text_features(input_ids=prompt_ids)).float().numpy()
+    hf_probs = pipeline.scores(clips["fp32"], hf_rows, pipeline.normalize(hf_text))
+    flipped = hf_probs.argmax(-1) != base.argmax(-1)
+    cosine = (pipeline.normalize(hf_rows) * pipeline.normalize(features["fp32 exact"])).sum(-1)
+    worst = f"{margins[flipped].max():.1e}" if flipped.any() else "-"
+    print(f"  {'transformers bf16':<24} {1 - flipped.mean():7.1%} {np.abs(hf_probs - base).max():12.1e} "
+          f"{cosine.min():11.6f} {worst:>23}")
     print(f"  (fp16 on this CPU: {fp16_rate:.2f} images/s, one run)")
 
     print("\npeak RSS")

@@ -227,18 +227,23 @@ def image_features(
 
 
 def _encode_pixels(clip: Clip, pixels: list[torch.Tensor]) -> np.ndarray:
-    """Preprocessed (3, H, W) float32 images -> (B, D) float32 features, computed in the model's dtype."""
+    """Preprocessed (3, H, W) float32 images -> (B, D) float32 features, computed in clip.dtype."""
     pinned = clip.device.type == "cuda"
     # Stacked straight into page-locked memory on CUDA, so the copy to the GPU can run asynchronously.
     batch = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.float32, pin_memory=pinned)  # (B, 3, H, W)
     torch.stack(pixels, out=batch)
-    batch = batch.to(device=clip.device, dtype=clip.dtype, non_blocking=pinned)
-    with torch.inference_mode():
+    return pixel_features(clip, batch.to(device=clip.device, non_blocking=pinned))
+
+
+def pixel_features(clip: Clip, batch: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float32 pixels on clip.device -> (B, D) float32 features; the image tower runs in clip.dtype."""
+    with torch.inference_mode(), clip.image_precision():
         return clip.model.encode_image(batch).float().cpu().numpy()
 
 
 def text_features(clip: Clip, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """(N, D) float32 raw projected text features; each batch is padded to its longest text, not to 77."""
+    """(N, D) float32 raw projected text features, computed in float32 whatever clip.dtype (see
+    loader.place_model); each batch is padded to its longest text, not to 77."""
     rows = []
     for start in range(0, len(texts), batch_size):
         ids = clip.tokenizer.encode(texts[start:start + batch_size]).to(clip.device)  # (B, T) int64

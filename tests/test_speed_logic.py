@@ -16,7 +16,7 @@ import torch
 
 from clipcli import pipeline
 from clipcli.errors import UsageError
-from clipcli.loader import load, resolve_device, resolve_dtype
+from clipcli.loader import load, place_model, resolve_device, resolve_dtype
 from clipcli.preprocess import load_image, preprocess
 from tests.conftest import photo
 
@@ -80,6 +80,13 @@ def test_dtype_selection(name: str, device: str, expected: torch.dtype) -> None:
     assert resolve_dtype(name, torch.device(device)) == expected
 
 
+def test_reduced_precision_without_autocast_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    with pytest.raises(UsageError, match="--dtype bf16 needs autocast on cpu.*use --dtype fp32"):
+        resolve_dtype("bf16", torch.device("cpu"))
+    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
+
+
 def test_unknown_dtype_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="unknown dtype 'int8'"):
         resolve_dtype("int8", torch.device("cpu"))
@@ -98,6 +105,18 @@ def test_keep_freed_memory_sets_glibc_malloc_options() -> None:
     code = "from clipcli.pipeline import keep_freed_memory; print(keep_freed_memory())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True"
+
+
+def test_loading_and_classifying_never_import_torch_dynamo(tiny_model_dir: Path, photos: list[str]) -> None:
+    # Importing torch._dynamo costs about a second of every start; building the model on the meta device used to
+    # pull it in through nn.Embedding's random init. Checked in a child process, without timing anything.
+    code = ("import sys; from clipcli import pipeline; from clipcli.loader import load; "
+            "clip = load(sys.argv[1], device='cpu', dtype=sys.argv[2]); "
+            "list(pipeline.classify(clip, sys.argv[3:], ['cat', 'dog'])); print('torch._dynamo' in sys.modules)")
+    for dtype in ("fp32", "bf16"):
+        done = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir), dtype, *photos[:2]],
+                              capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == "False", dtype
 
 
 # 2. lower precision: float32 results, close to fp32
@@ -120,6 +139,35 @@ def test_low_precision_gives_float32_results_close_to_fp32(tiny_model_dir: Path,
     np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
     expected = np.concatenate([b.rows for b in pipeline.classify(clip, photos, ["cat", "dog", "rocket"])])
     assert np.abs(probs - expected).max() < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_stores_only_image_matmul_weights_low(tiny_model_dir: Path, dtype: torch.dtype) -> None:
+    model = load(str(tiny_model_dir), device="cpu", dtype="fp32").model
+    placed = place_model(model, torch.device("cpu"), dtype)
+    low = {name for name, p in placed.named_parameters() if p.dtype == dtype}
+    matmuls = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    expected = {name for name, _ in placed.named_parameters() if name.startswith("vision_model.encoder.")
+                and name.rsplit(".", 2)[-2] in matmuls}
+    expected |= {"vision_model.embeddings.patch_embedding.weight", "visual_projection.weight"}
+    assert low == expected and len(expected) == 2 + 12 * placed.config.vision.num_hidden_layers
+    # Layer norms, class and position embeddings, logit_scale and the whole text tower stay float32.
+    assert all(p.dtype == torch.float32 for name, p in placed.named_parameters() if name not in low)
+
+
+def test_reduced_precision_keeps_text_in_float32_and_image_tower_closer_than_a_whole_cast(
+        tiny_model_dir: Path, clip, photos: list[str]) -> None:
+    low = load(str(tiny_model_dir), device="cpu", dtype="bf16")
+    texts = ["a photo of a cat.", "a blurry photo of a very large golden retriever."]
+    np.testing.assert_array_equal(pipeline.text_features(low, texts), pipeline.text_features(clip, texts))
+    full = np.concatenate([b.rows for b in pipeline.image_features(clip, photos)])
+    mixed = np.concatenate([b.rows for b in pipeline.image_features(low, photos)])
+    cast = load(str(tiny_model_dir), device="cpu", dtype="fp32").model.to(torch.bfloat16)  # the naive alternative: everything, residual sums included, in bf16
+    with torch.inference_mode():
+        pixels = torch.stack([preprocess(load_image(Path(p)), clip.preprocess) for p in photos])
+        whole = cast.encode_image(pixels.to(torch.bfloat16)).float().numpy()
+    mixed_error = np.abs(mixed - full).max()
+    assert 0 < mixed_error < np.abs(whole - full).max()
 
 
 # 3. text: encoded once, padded to the longest prompt
