@@ -410,9 +410,19 @@ def test_draft_is_a_no_op_for_png(tmp_path: Path) -> None:
 
 
 def test_draft_size_from_config() -> None:
-    assert PreprocessConfig.for_image_size(336).draft_size == 336
-    assert PreprocessConfig.from_json(CONFIGS["height-width"]).draft_size == 256
+    assert PreprocessConfig().draft_size == 280  # 1.25 x 224
+    assert PreprocessConfig.for_image_size(336).draft_size == 420
+    assert PreprocessConfig.from_json(CONFIGS["height-width"]).draft_size == 320
     assert PreprocessConfig.from_json(CONFIGS["no-resize"]).draft_size is None
+
+
+@pytest.mark.parametrize("size, drafted", [((4000, 3000), (500, 375)), ((2400, 1800), (600, 450)),
+                                           ((1024, 768), (512, 384)), ((640, 480), (640, 480))])
+def test_draft_leaves_the_exact_resize_at_least_a_quarter_to_shrink(tmp_path: Path, size: tuple[int, int],
+                                                                   drafted: tuple[int, int]) -> None:
+    # 2400x1800 at 1/8 would be 300x225, then a near 1:1 resize without anti-aliasing; 640x480 at 1/2, 320x240.
+    path = save(Image.new("RGB", size, (90, 140, 200)), tmp_path / "flat.jpg", quality=90)
+    assert load_image(path, draft_size=PreprocessConfig().draft_size).size == drafted
 
 
 # 5. preprocessor_config.json

@@ -293,7 +293,7 @@ def test_default_decode_is_exact(clip, photos: list[str]) -> None:
 def test_fast_decode_drafts_jpegs_and_stays_close(clip, photos: list[str]) -> None:
     big = photos[-1]
     config = clip.preprocess
-    assert config.draft_size == 32
+    assert config.draft_size == 40  # 1.25 x the tiny model's 32 px
     assert load_image(Path(big), draft_size=config.draft_size).size < load_image(Path(big)).size  # really drafted
     exact = np.concatenate([b.rows for b in pipeline.image_features(clip, photos)])
     fast = np.concatenate([b.rows for b in pipeline.image_features(clip, photos, draft=True)])
