@@ -9,11 +9,12 @@ sizes (640x480 to 4000x3000, about 4 MP on average), then, in alternation for se
   - both as subprocesses (`clip classify` and a `python -c` transformers script): startup and loading included;
   - the models alone on one batch of preprocessed photos (get_image_features vs encode_image, fp32 and bf16);
 
-then prints the ratios with their targets, the top-1 agreement of bf16, fp16 and fast decode with fp32 exact,
+then prints the ratios with their targets, the top-1 agreement of bf16, fp16 and fast decode with fp32 exact
+(and of transformers' bf16, the model cast whole, for comparison),
 peak RSS, and how much CPU other processes took meanwhile. Targets are reported, never asserted: timings depend
 on the machine and on whatever else runs on it. Needs transformers (pip install -e ".[test]").
 
-    .venv/bin/python benchmarks/bench_classify.py --images 60 --rounds 2
+    .venv/bin/python benchmarks/bench_classify.py --images 200 --rounds 3   # ~17 min on 2 cores; 60/2 for ~4 min
 """
 
 from __future__ import annotations
