@@ -549,6 +549,35 @@ def test_embed_texts_match_reference(tiny_model_dir, reference, tmp_path):
     np.testing.assert_allclose(np.load(raw), want[:1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("options", [["--dtype", "bf16"], ["--dtype", "fp16"], ["--fast-decode"],
+                                     ["--dtype", "bf16", "--fast-decode"]])
+def test_reduced_precision_and_fast_decode_stay_close_to_the_reference(tiny_model_dir, in_images_parent, reference,
+                                                                       tmp_path, options):
+    paths = expected_paths(in_images_parent)
+    result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "-f", "jsonl", "-m", tiny_model_dir,
+                    *options)
+    assert result.exit_code == 0 and result.stderr == "", (result.stderr, result.exception)
+    rows = parse("jsonl", result.stdout, LABELS)
+    assert [r["path"] for r in rows] == paths
+    got = np.array([[r["scores"][label] for label in LABELS] for r in rows])
+    np.testing.assert_allclose(got.sum(-1), 1, atol=1e-5)
+    np.testing.assert_allclose(got, reference.probs(paths, LABELS), atol=5e-3, rtol=0)
+    npy = tmp_path / "emb.npy"
+    assert invoke("embed", in_images_parent, "-o", npy, "-m", tiny_model_dir, *options).exit_code == 0
+    embedded, names = load_embeddings(npy)
+    assert names == paths and embedded.dtype == np.float32
+    assert cosines(embedded, reference.image_features(names)).min() >= 0.999
+
+
+def test_texts_are_embedded_in_float32_whatever_the_dtype(tiny_model_dir, reference, tmp_path):
+    texts = ["a red car", "a photo of a cat"]
+    for dtype in ("bf16", "fp16"):
+        npy = tmp_path / f"{dtype}.npy"
+        args = ["embed", "--text", texts[0], "--text", texts[1], "--no-normalize", "-o", npy, "--dtype", dtype]
+        assert invoke(*args, "-m", tiny_model_dir).exit_code == 0
+        np.testing.assert_allclose(np.load(npy), reference.text_features(texts), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["{images}", "--text", "a cat"], ["not both"]),
     (["{images}", "--text-file", "{tmp}/texts.txt"], ["not both"]),
