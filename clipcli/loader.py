@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -173,15 +174,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise UsageError(f"unknown dtype '{name}'; use auto, fp32, fp16 or bf16")
     dtype = DTYPE_NAMES[name]
-    if dtype != torch.float32 and not _autocast_available(device):
-        raise UsageError(f"--dtype {name} needs autocast on {device.type}, which torch {torch.__version__} lacks; "
-                         "use --dtype fp32 or a newer torch")
+    if dtype != torch.float32:
+        reason = _autocast_refusal(device, dtype)
+        if reason is not None:
+            other = "fp16 or fp32" if name == "bf16" else "fp32"
+            raise UsageError(f"--dtype {name} cannot run on {device.type} here ({reason}); use --dtype {other}")
     return dtype
 
 
-def _autocast_available(device: torch.device) -> bool:
+def _autocast_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when autocast runs `dtype` on `device` (reduced precision needs it, see place_model), else why not.
+
+    torch refuses some pairs outright (bf16 on a GPU without it) and merely warns and disables autocast for others
+    (a dtype that MPS's autocast lacks), which would then fail inside the model; both become a reason here."""
     check = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
-    return check(device.type) if check is not None else device.type in ("cpu", "cuda")
+    if check is not None and not check(device.type):
+        return f"torch {torch.__version__} has no autocast for {device.type}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.autocast(device.type, dtype=dtype)
+    except (RuntimeError, UserWarning) as err:
+        return str(err).split(". ")[0].splitlines()[0].rstrip(".") if str(err) else type(err).__name__
+    return None
 
 
 def _read_json(path: Path) -> dict:

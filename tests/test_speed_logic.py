@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +83,31 @@ def test_dtype_selection(name: str, device: str, expected: torch.dtype) -> None:
 
 def test_reduced_precision_without_autocast_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
-    with pytest.raises(UsageError, match="--dtype bf16 needs autocast on cpu.*use --dtype fp32"):
+    with pytest.raises(UsageError, match=r"--dtype bf16 cannot run on cpu here \(torch .* has no autocast for cpu\); "
+                                         "use --dtype fp16 or fp32"):
         resolve_dtype("bf16", torch.device("cpu"))
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
+
+
+def test_bf16_on_a_gpu_without_it_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a pre-Ampere GPU: torch's autocast refuses bf16 there, which must not surface inside the model.
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    with pytest.raises(UsageError, match=r"--dtype bf16 cannot run on cuda here \(.*bfloat16.*\); use --dtype fp16"):
+        resolve_dtype("bf16", torch.device("cuda"))
+    assert resolve_dtype("fp16", torch.device("cuda")) == torch.float16
+
+
+def test_a_dtype_that_autocast_would_disable_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where torch only warns and turns autocast off (e.g. a dtype MPS's autocast lacks), the model would fail later.
+    class WarningAutocast:
+        def __init__(self, device_type: str, dtype: torch.dtype) -> None:
+            warnings.warn("In CPU autocast, but the target dtype is not supported. Disabling autocast.", stacklevel=2)
+
+    monkeypatch.setattr(torch, "autocast", WarningAutocast)
+    with pytest.raises(UsageError, match=r"--dtype fp16 cannot run on cpu here \(In CPU autocast, but the target "
+                                         r"dtype is not supported\); use --dtype fp32"):
+        resolve_dtype("fp16", torch.device("cpu"))
 
 
 def test_unknown_dtype_is_a_usage_error() -> None:
