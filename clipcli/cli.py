@@ -39,8 +39,12 @@ class Terminated(BaseException):
     """SIGTERM arrived: unwind like KeyboardInterrupt so temp files are cleaned up, then exit 143."""
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
+def _on_signal(signum: int, frame: object) -> None:
+    # From the first SIGINT or SIGTERM on, both are ignored: a second Ctrl-C must not cut short the cleanup of temp
+    # files that the first one started (or turn it into a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
 def _eprint(message: str) -> None:
@@ -415,7 +419,8 @@ def _finish(failures: list) -> None:
 
 def main() -> None:
     """Console entry point."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     app(prog_name="clip")
 
 

@@ -76,8 +76,10 @@ def run_clip(*args: object, timeout: float = 60) -> subprocess.CompletedProcess:
                           env=clip_env(), timeout=timeout)
 
 
-def interrupt(args: list[object], signum: int, started: Callable[[int], bool]) -> subprocess.CompletedProcess:
-    """Start `clip args`, wait until `started(pid)` says it is at work, then send `signum`; the finished process."""
+def interrupt(args: list[object], signum: int, started: Callable[[int], bool], times: int = 1,
+              ) -> subprocess.CompletedProcess:
+    """Start `clip args`, wait until `started(pid)` says it is at work, then send `signum` (`times` times, 2 ms
+    apart); the finished process."""
     proc = subprocess.Popen([*clip_command(), *map(os.fspath, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=clip_env())
     deadline = time.monotonic() + 60
@@ -86,7 +88,10 @@ def interrupt(args: list[object], signum: int, started: Callable[[int], bool]) -
             time.sleep(0.002)
         assert proc.poll() is None, f"clip ended before it was interrupted: {proc.communicate()}"
         time.sleep(0.01)  # inside the run: a few hundred images at batch size 1 take far longer
-        proc.send_signal(signum)
+        for _ in range(times):
+            if proc.poll() is None:
+                proc.send_signal(signum)
+                time.sleep(0.002)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -658,6 +663,22 @@ def test_interrupted_embed_writes_nothing(tiny_model_dir, many_images, tmp_path,
         assert sidecar.read_text() == "old-a\nold-b\n"
     else:
         assert sorted(os.listdir(tmp_path)) == []
+
+
+@needs_proc
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_repeated_interrupts_still_clean_up_quietly(tiny_model_dir, many_images, tmp_path, signum, code):
+    # An impatient user presses Ctrl-C again while the first one is being handled: same exit, same one line.
+    npy = tmp_path / "emb.npy"
+    np.save(npy, np.ones((2, 3), dtype=np.float32))
+    for attempt in range(3):
+        proc = interrupt(["embed", many_images, "-o", npy, "--batch-size", "1", "--workers", "1",
+                          "-m", tiny_model_dir], signum, reading_images_in(many_images, npy), times=5)
+        assert proc.returncode == code, proc.stderr
+        word = "interrupted" if signum == signal.SIGINT else "terminated"
+        assert proc.stderr.decode().splitlines() == [f"{word}; no output was written"], attempt
+        assert temp_files(tmp_path) == []
+        np.testing.assert_array_equal(np.load(npy), np.ones((2, 3), dtype=np.float32))
 
 
 def test_empty_folder_warns_and_writes_empty_results(tmp_path, tiny_model_dir):
