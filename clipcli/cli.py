@@ -54,7 +54,8 @@ def _eprint(message: str) -> None:
 
 
 def handle_errors(command: Callable) -> Callable:
-    """Run a command: ClipError -> 'error: ...' + exit 2, Ctrl-C -> 130, SIGTERM -> 143; warnings silenced."""
+    """Run a command: ClipError -> 'error: ...' + exit 2, Ctrl-C -> 130, SIGTERM -> 143, output pipe closed by its
+    reader -> 141 without a message; warnings silenced."""
 
     @functools.wraps(command)
     def wrapper(*args: object, **kwargs: object) -> None:
@@ -75,8 +76,22 @@ def handle_errors(command: Callable) -> Callable:
         except Terminated:
             _eprint("terminated; no output was written")
             raise typer.Exit(143) from None
+        except BrokenPipeError:
+            # The reader of our output went away (`clip ... | head`): stop quietly with 128 + SIGPIPE, as a shell
+            # tool killed by SIGPIPE would, and point stdout at /dev/null so the flush at exit cannot fail again.
+            _silence_stdout()
+            raise typer.Exit(141) from None
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (e.g. captured by a test runner): nothing to flush there
+        pass
 
 
 def _version(value: bool) -> None:

@@ -159,6 +159,8 @@ def write_text(path: Path, text: str) -> None:
             return
         with atomic_file(_resolved(Path(path))) as handle:
             handle.write(text)
+    except BrokenPipeError:
+        raise  # whoever read the stream has stopped (`| head`): not a disk problem; the CLI exits quietly
     except OSError as err:
         raise _write_error(path, err) from None
 

@@ -665,6 +665,20 @@ def test_interrupted_embed_writes_nothing(tiny_model_dir, many_images, tmp_path,
         assert sorted(os.listdir(tmp_path)) == []
 
 
+@pytest.mark.parametrize("output", [[], ["-o", "/dev/stdout"]], ids=["stdout", "dev-stdout"])
+def test_reader_gone_exits_quietly(tiny_model_dir, image_folder, output):
+    # `clip classify ... | head -0`: the reader has closed the pipe before anything is written.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([*clip_command(), "classify", image_folder, "-l", "cat,dog", "-f", "jsonl", *output,
+                               "-m", tiny_model_dir], stdout=write, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              env=clip_env(), timeout=60)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == b"", proc.stderr
+
+
 @needs_proc
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_repeated_interrupts_still_clean_up_quietly(tiny_model_dir, many_images, tmp_path, signum, code):
