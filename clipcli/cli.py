@@ -9,19 +9,49 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer import _click as click
+from typer.core import TyperGroup
 
 from clipcli.errors import ClipError, InputError, UsageError
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"  # also resolve.DEFAULT_MODEL; kept here to keep --help light
 
+
+class OneLineErrors(TyperGroup):
+    """Command-line parsing errors (unknown option, missing argument, invalid value) as one 'error: ...' line with
+    exit 2, like every other usage error, instead of click's usage text, hint and 'Error:' line."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:  # bare `clip`: the help, as before
+            err.show()
+            sys.exit(err.exit_code)
+        except click.exceptions.UsageError as err:
+            where = f"; see '{err.ctx.command_path} --help'" if err.ctx is not None else ""
+            _eprint(f"error: {' '.join(err.format_message().split()).rstrip('.')}{where}")
+            sys.exit(err.exit_code)
+        except click.exceptions.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            _eprint("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="clip",
+    cls=OneLineErrors,
     help="Zero-shot image classification and embeddings with CLIP.\n\n"
     "Examples:\n\n"
     "  clip classify photos/ --labels cat,dog,car\n\n"
@@ -85,6 +115,23 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _write_stdout(text: str) -> None:
+    """All of `text` to stdout. An unbuffered stdout (python -u, PYTHONUNBUFFERED) takes one write() call per
+    write, which a pipe may only partly accept (its reader quit mid-way): loop until all is written or the
+    reader's departure raises BrokenPipeError, instead of dropping the rest silently."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    rest = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+    while rest:
+        written = buffer.write(rest)
+        rest = rest[written or 0:]
+    buffer.flush()
+
+
 def _silence_stdout() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -140,15 +187,17 @@ class Format(str, Enum):
 @handle_errors
 def classify(
     paths: PathsArg,
-    labels: Annotated[Optional[str], typer.Option("--labels", "-l", help="Comma-separated labels: cat,dog,car.")] = None,
-    labels_file: Annotated[Optional[Path], typer.Option(help="File with one label per line.")] = None,
+    labels: Annotated[Optional[list[str]], typer.Option(
+        "--labels", "-l", help="Comma-separated labels: cat,dog,car (repeatable: -l cat -l dog).")] = None,
+    labels_file: Annotated[Optional[Path], typer.Option(help="File with one label per line (- reads stdin).")] = None,
     template: Annotated[Optional[list[str]], typer.Option(
         "--template", "-t", help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
     templates: Annotated[Optional[str], typer.Option(help="A named template set: imagenet (the CLIP paper's 80).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image.")] = 5,
     fmt: Annotated[Format, typer.Option(
         "--format", "-f", help="table for people; csv, json or jsonl for programs.")] = Format.table,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here (default stdout).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write results here (default stdout; - is stdout too).")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
@@ -171,10 +220,14 @@ def classify(
 
     label_list = _read_labels(labels, labels_file)
     prompt_templates = _templates(template, templates)
+    if output is not None and str(output) == "-":
+        output = None
     if output is not None:
         out.check_writable(output)
     images, failures = pipeline.find_images(paths)
     _warn_if_no_images(images, failures)
+    if output is not None:
+        out.check_not_an_input([output], images)
     clip = _load(model, device, dtype)
     for label in label_list:
         if any(clip.tokenizer.is_truncated(t.replace("{}", label)) for t in prompt_templates):
@@ -193,8 +246,7 @@ def classify(
     text = out.render(out.records(found_paths, probs, label_list, top_k), label_list, fmt.value,
                       color=output is None and fmt is Format.table and sys.stdout.isatty())
     if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _write_stdout(text)
     else:
         out.write_text(output, text)
     _finish(failures)
@@ -207,7 +259,8 @@ def embed(
                                                          show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="The .npy to write; PATHS go to <name>.paths.txt.")] = Path("embeddings.npy"),
     text: Annotated[Optional[list[str]], typer.Option("--text", help="Embed this text instead of images (repeatable).")] = None,
-    text_file: Annotated[Optional[Path], typer.Option(help="Embed each line of this file (blank lines skipped).")] = None,
+    text_file: Annotated[Optional[Path], typer.Option(
+        help="Embed each line of this file (blank lines skipped; - reads stdin).")] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Raw projected features, not L2-normalised.")] = False,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
@@ -238,12 +291,15 @@ def embed(
         raise UsageError("nothing to embed; pass image files/folders, or --text TEXT")
     if (text or text_file) and not texts:
         raise UsageError(f"{text_file} has no text lines; put one text per line")
+    if str(output) == "-":
+        raise UsageError("clip embed writes a .npy file and a sidecar beside it, not stdout; give a file name with -o")
     out.check_writable(output, stream_ok=False)  # a .npy and its sidecar need real files
     failures: list = []
     images: list[str] = []
     if not texts:
         images, failures = pipeline.find_images(paths or [])
         _warn_if_no_images(images, failures)
+        out.check_not_an_input([output, out.sidecar_path(output)], images)
     clip = _load(model, device, dtype)
     for item in texts:
         if clip.tokenizer.is_truncated(item):
@@ -332,8 +388,9 @@ def _load(model: str, device: str, dtype: str):  # -> loader.Clip
 
 
 def _read_lines(path: Path, option: str) -> list[str]:
+    """The stripped non-blank lines of a UTF-8 text file (a leading byte-order mark dropped); '-' is stdin."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = (sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()).decode("utf-8-sig")
     except FileNotFoundError:
         raise UsageError(f"{option} '{path}' does not exist; give a text file, one item per line") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -342,13 +399,13 @@ def _read_lines(path: Path, option: str) -> list[str]:
     return [line.strip() for line in raw.splitlines() if line.strip()]
 
 
-def _read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
-    if labels is not None and labels_file is not None:
+def _read_labels(labels: list[str] | None, labels_file: Path | None) -> list[str]:
+    if labels and labels_file is not None:
         raise UsageError("give --labels or --labels-file, not both")
     if labels_file is not None:
         items = _read_lines(labels_file, "--labels-file")
     else:
-        items = [item.strip() for item in (labels or "").split(",") if item.strip()]
+        items = [item.strip() for group in labels or [] for item in group.split(",") if item.strip()]
     if not items:
         raise UsageError("no labels; pass --labels cat,dog,car or --labels-file FILE (one label per line)")
     seen: set[str] = set()

@@ -68,8 +68,8 @@ def place_model(model: CLIPModel, device: torch.device, dtype: torch.dtype) -> C
 
     The image tower then runs under autocast (Clip.image_precision): matmuls, convolution and attention in `dtype`,
     layer norms and the residual sums in float32. On random ViT-B/32 weights that makes bf16 image embeddings'
-    1 - cosine to float32 6x smaller than a model cast whole does, at the same speed (benchmarks/README.md). The text tower stays float32: texts are encoded
-    once per run, and every image's scores depend on them."""
+    1 - cosine to float32 6x smaller than a model cast whole does, at the same speed (benchmarks/README.md).
+    The text tower stays float32: texts are encoded once per run, and every image's scores depend on them."""
     model = model.to(device=device)
     if dtype != torch.float32:
         for module in [*model.vision_model.modules(), model.visual_projection]:
@@ -141,9 +141,19 @@ def read_tokenizer(files: ModelFiles, config: CLIPConfig) -> ClipTokenizer:
 
 def read_preprocess(files: ModelFiles, config: CLIPConfig) -> PreprocessConfig:
     """preprocessor_config.json when the directory has one, else CLIP's defaults at the model's image size."""
-    if files.directory is not None and (files.directory / "preprocessor_config.json").is_file():
-        return PreprocessConfig.from_json(_read_json(files.directory / "preprocessor_config.json"))
-    return PreprocessConfig.for_image_size(config.vision.image_size)
+    if files.directory is None or not (files.directory / "preprocessor_config.json").is_file():
+        return PreprocessConfig.for_image_size(config.vision.image_size)
+    path = files.directory / "preprocessor_config.json"
+    preprocess = PreprocessConfig.from_json(_read_json(path))
+    side = config.vision.image_size
+    made = preprocess.output_size
+    if made is None:
+        raise UsageError(f"{path}: images would keep their own shapes (no centre crop, no fixed-size resize), "
+                         f"but the model takes {side}x{side}; set do_center_crop with crop_size {side}")
+    if made != (side, side):
+        raise UsageError(f"{path}: images come out {made[0]}x{made[1]}, but the model takes {side}x{side}; "
+                         f"set crop_size (or size) to {side}")
+    return preprocess
 
 
 def resolve_device(name: str) -> torch.device:

@@ -150,6 +150,28 @@ def _new_file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
+def check_not_an_input(outputs: Sequence[Path], inputs: Sequence[str]) -> None:
+    """UsageError when an output file already exists as one of the input images: writing it would destroy it."""
+    existing = {}
+    for path in outputs:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue  # not there yet, so not an input
+        existing[(info.st_dev, info.st_ino)] = path
+    if not existing:
+        return
+    for item in inputs:
+        try:
+            info = os.stat(item)
+        except OSError:
+            continue
+        path = existing.get((info.st_dev, info.st_ino))
+        if path is not None and stat.S_ISREG(info.st_mode):
+            raise UsageError(f"output '{display_path(str(path))}' is one of the input images "
+                             f"('{display_path(item)}'); choose another --output")
+
+
 def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` atomically; a stream such as /dev/stdout is written in place, never replaced."""
     try:

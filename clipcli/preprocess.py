@@ -185,6 +185,15 @@ class PreprocessConfig:
         }
 
     @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every preprocessed image, or None when it follows each image's own size."""
+        if self.do_center_crop:
+            return self.crop_height, self.crop_width
+        if self.do_resize and self.shortest_edge is None:
+            return self.size_height, self.size_width  # type: ignore[return-value]
+        return None
+
+    @property
     def draft_size(self) -> int | None:
         """The `draft_size` for load_image (fast decode); None when nothing is resized.
 

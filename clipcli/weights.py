@@ -236,8 +236,19 @@ def _some(keys: list[str]) -> str:
 
 
 def check_destination(destination: Path, force: bool) -> None:
-    """UsageError unless `destination` is absent, an empty directory, or (with force) a model directory to replace."""
-    destination = Path(destination)
+    """UsageError unless `destination` is absent, an empty directory, or (with force) a model directory to replace,
+    and is neither the current folder nor one that holds it."""
+    destination = Path(os.path.realpath(destination))
+    if destination == Path.cwd() or destination in Path.cwd().parents:
+        raise UsageError(f"{destination} is the current folder or holds it; give a new folder name for the model")
+    try:
+        _check_destination(destination, force)
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        raise UsageError(f"cannot use {destination}: {reason}; choose another destination") from None
+
+
+def _check_destination(destination: Path, force: bool) -> None:
     if destination.exists() and not destination.is_dir():
         raise UsageError(f"{destination} exists and is not a directory; choose another destination")
     if not destination.is_dir() or not any(destination.iterdir()):
@@ -255,17 +266,29 @@ def write_hf_directory(
     extra_files: Callable[[Path], None], force: bool = False,
 ) -> None:
     """Write config.json + model.safetensors (+ whatever extra_files writes) into a temp dir beside `destination`,
-    then rename it into place, so a failure leaves `destination` as it was and no temp dir behind."""
+    then rename it into place, so a failure leaves `destination` as it was and no temp dir behind; UsageError when
+    it cannot be written."""
+    # Through symlinks to the real folder, so a link to a folder is written through rather than renamed over.
+    destination = Path(os.path.realpath(destination))
+    check_destination(destination, force)
+    try:
+        _write_staged(destination, config, state, dtype, extra_files)
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        raise UsageError(f"cannot write {destination}: {reason}; choose another destination") from None
+
+
+def _write_staged(destination: Path, config: CLIPConfig, state: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                  extra_files: Callable[[Path], None]) -> None:
     from safetensors.torch import save_file
 
-    destination = Path(destination)
-    check_destination(destination, force)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700); give it what mkdir would
         tensors = {k: v.detach().to(dtype=dtype).contiguous() for k, v in state.items() if k not in DROPPED_HF_KEYS}
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(staging / "model.safetensors", 0o666 & ~_umask())  # as the other files: readable by others
         text = json.dumps({**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2)
         (staging / "config.json").write_text(text + "\n", encoding="utf-8")
         extra_files(staging)

@@ -40,22 +40,17 @@ RUNNER = CliRunner()
 # helpers shared with test_hostile.py
 
 
-def invoke(*args: object, env: dict[str, str] | None = None):
+def invoke(*args: object, env: dict[str, str] | None = None, input: str | bytes | None = None):
     """Run the Typer app in-process; stdout and stderr come back separately (result.stdout, result.stderr)."""
-    return RUNNER.invoke(app, [os.fspath(a) if isinstance(a, Path) else str(a) for a in args], env=env)
+    return RUNNER.invoke(app, [os.fspath(a) if isinstance(a, Path) else str(a) for a in args], env=env, input=input)
 
 
 def assert_click_usage_error(result, *fragments: str) -> str:
-    """Typer's own usage errors: exit 2, plain text (no Rich panel) ending in exactly one 'Error: ...' line."""
-    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("Usage: clip"), result.stderr
-    assert [line for line in lines if line.startswith("Error")] == [lines[-1]], result.stderr
-    assert lines[-1].startswith("Error: ") and not set("╭╮╰╯│") & set(result.stderr), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], (fragment, lines[-1])
-    return lines[-1]
+    """Parsing errors Typer/click detect (unknown option, bad value, missing argument): one 'error: ...' line like
+    every other usage error (the contract's one-line rule), pointing at the command's --help."""
+    line = assert_usage_error(result, *fragments)
+    assert re.search(r"; see 'clip( [a-z-]+)? --help'$", line), line
+    return line
 
 
 def clip_env(**extra: str) -> dict[str, str]:
@@ -385,6 +380,43 @@ def test_labels_file(tiny_model_dir, in_images_parent, tmp_path):
     assert len(rows) == 4
 
 
+def classify_csv(*args: object, input: bytes | None = None) -> list[dict]:
+    """`clip classify ... -f csv` on stdout, parsed; the labels are read from the header."""
+    result = invoke("classify", *args, "-f", "csv", input=input)
+    assert result.exit_code == 0 and result.stderr == "", (result.stderr, result.exception)
+    header = next(csv.reader(io.StringIO(result.stdout)))
+    return parse("csv", result.stdout, header[3:])
+
+
+def test_labels_file_with_byte_order_mark_and_crlf(tiny_model_dir, in_images_parent, tmp_path):
+    # Windows editors save UTF-8 with a BOM and CRLF: the first label must not carry the BOM into the prompt.
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_bytes(b"cat\ndog\n")
+    marked.write_bytes(b"\xef\xbb\xbfcat\r\n\r\ndog\r\n")
+    want = classify_csv(in_images_parent, "--labels-file", plain, "-m", tiny_model_dir)
+    got = classify_csv(in_images_parent, "--labels-file", marked, "-m", tiny_model_dir)
+    assert list(got[0]["scores"]) == ["cat", "dog"]
+    assert got == want
+
+
+def test_labels_repeat_and_stdin(tiny_model_dir, in_images_parent):
+    want = classify_csv(in_images_parent, "-l", "cat,red car,dog", "-m", tiny_model_dir)
+    assert classify_csv(in_images_parent, "-l", "cat", "-l", "red car, dog", "-m", tiny_model_dir) == want
+    from_stdin = classify_csv(in_images_parent, "--labels-file", "-", "-m", tiny_model_dir,
+                              input=b"\xef\xbb\xbfcat\nred car\n\ndog\n")
+    assert from_stdin == want
+
+
+def test_output_dash_is_stdout(tiny_model_dir, image_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = str(image_folder)
+    result = invoke("classify", images, "-l", "cat,dog", "-f", "jsonl", "-o", "-", "-m", tiny_model_dir)
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 4, (result.stderr, result.exception)
+    assert os.listdir(tmp_path) == []  # no file named "-"
+    assert_usage_error(invoke("embed", images, "-o", "-", "-m", tiny_model_dir), "not stdout", "-o")
+    assert os.listdir(tmp_path) == []
+
+
 USAGE_ERRORS = {
     "duplicate-label": (["{images}", "-l", "cat,dog,cat"], ["'cat'", "twice"]),
     "duplicate-after-strip": (["{images}", "-l", "cat, cat "], ["'cat'", "twice"]),
@@ -415,6 +447,27 @@ def test_classify_usage_errors(tiny_model_dir, image_folder, tmp_path, case):
     assert sorted(os.listdir(tmp_path)) == ["labels.txt"]  # nothing written
 
 
+@pytest.mark.parametrize("preprocessor, fragments", [
+    ({"crop_size": {"height": 48, "width": 48}}, ["come out 48x48", "takes 32x32", "crop_size"]),
+    ({"image_mean": [0.1, 0.2, 0.3]}, ["come out 224x224", "takes 32x32"]),  # the rest defaults to 224
+    ({"do_center_crop": False, "size": {"shortest_edge": 32}}, ["keep their own shapes", "do_center_crop"]),
+])
+def test_preprocessing_that_does_not_fit_the_model_is_a_usage_error(tiny_model_dir, image_folder, tmp_path,
+                                                                    preprocessor, fragments):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in os.listdir(tiny_model_dir):
+        (model / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = json.loads((model / "preprocessor_config.json").read_text(encoding="utf-8"))
+    assert config["crop_size"] == {"height": 32, "width": 32}  # the tiny model's own: 32 px
+    if "image_mean" in preprocessor:
+        config = {}
+    (model / "preprocessor_config.json").write_text(json.dumps({**config, **preprocessor}), encoding="utf-8")
+    for command in (["classify", image_folder, "-l", "cat"], ["embed", image_folder, "-o", tmp_path / "e.npy"]):
+        assert_usage_error(invoke(*command, "-m", model), "preprocessor_config.json", *fragments)
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_device_cuda_without_gpu(tiny_model_dir, image_folder):
     line = assert_usage_error(invoke("classify", image_folder, "-l", "cat", "--device", "cuda", "-m", tiny_model_dir),
@@ -425,6 +478,26 @@ def test_device_cuda_without_gpu(tiny_model_dir, image_folder):
 def test_bad_format_is_a_plain_usage_error(tiny_model_dir, image_folder):
     assert_click_usage_error(invoke("classify", image_folder, "-l", "cat", "-f", "xml", "-m", tiny_model_dir),
                              "--format", "xml", "jsonl")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["classify", "-l", "cat"], ["Missing argument 'PATH'", "clip classify --help"]),
+    (["classify", "{images}", "-l", "cat", "--bogus"], ["No such option: --bogus"]),
+    (["classify", "{images}", "-l", "cat", "--batch-size", "0"], ["--batch-size"]),
+    (["classify", "{images}", "-l", "cat", "--workers", "0"], ["--workers"]),
+    (["embed", "{images}", "--top-k", "3"], ["No such option: --top-k", "clip embed --help"]),
+    (["convert-weights", "only-one-argument"], ["Missing argument", "clip convert-weights --help"]),
+    (["bogus"], ["No such command 'bogus'", "see 'clip --help'"]),
+])
+def test_parsing_errors_are_one_line(tiny_model_dir, image_folder, args, fragments):
+    argv = [a.format(images=image_folder) for a in args]
+    assert_click_usage_error(invoke(*argv), *fragments)
+
+
+def test_parsing_errors_are_one_line_from_the_installed_command(tiny_model_dir, image_folder):
+    proc = run_clip("classify", image_folder, "-l", "cat", "--bogus", "-m", tiny_model_dir)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert proc.stderr.decode().splitlines() == ["error: No such option: --bogus; see 'clip classify --help'"]
 
 
 def test_top_k_zero_is_a_plain_usage_error(tiny_model_dir, image_folder):
@@ -574,6 +647,19 @@ def test_reduced_precision_and_fast_decode_stay_close_to_the_reference(tiny_mode
     assert cosines(embedded, reference.image_features(names)).min() >= 0.999
 
 
+def test_text_file_with_byte_order_mark_embeds_like_plain_text(tiny_model_dir, tmp_path):
+    marked, plain, piped = tmp_path / "marked.npy", tmp_path / "plain.npy", tmp_path / "piped.npy"
+    (tmp_path / "texts.txt").write_bytes(b"\xef\xbb\xbfa cat\r\na dog\r\n")
+    assert invoke("embed", "--text-file", tmp_path / "texts.txt", "-o", marked, "-m", tiny_model_dir).exit_code == 0
+    assert invoke("embed", "--text", "a cat", "--text", "a dog", "-o", plain, "-m", tiny_model_dir).exit_code == 0
+    piping = invoke("embed", "--text-file", "-", "-o", piped, "-m", tiny_model_dir, input=b"a cat\na dog\n")
+    assert piping.exit_code == 0
+    for npy in (marked, piped):
+        rows, names = load_embeddings(npy)
+        assert names == ["a cat", "a dog"]
+        np.testing.assert_array_equal(rows, np.load(plain))
+
+
 def test_texts_are_embedded_in_float32_whatever_the_dtype(tiny_model_dir, reference, tmp_path):
     texts = ["a red car", "a photo of a cat"]
     for dtype in ("bf16", "fp16"):
@@ -677,6 +763,44 @@ def test_reader_gone_exits_quietly(tiny_model_dir, image_folder, output):
     finally:
         os.close(write)
     assert proc.returncode == 141 and proc.stderr == b"", proc.stderr
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+def test_reader_leaving_mid_output_exits_141_never_0(tiny_model_dir, image_folder, unbuffered):
+    # Several pipe-fulls of output; the reader takes the first bytes and quits. With python -u semantics one write()
+    # may be only partly accepted: the rest must not be dropped silently with exit 0.
+    labels = ",".join(f"label{i}" for i in range(2000))
+    env = clip_env(**({"PYTHONUNBUFFERED": "1"} if unbuffered else {}))
+    if not unbuffered:
+        env.pop("PYTHONUNBUFFERED", None)
+    proc = subprocess.Popen([*clip_command(), "classify", image_folder, "-l", labels, "-f", "jsonl", "-q",
+                             "-m", tiny_model_dir], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=env)
+    try:
+        assert len(proc.stdout.read(1000)) == 1000
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=60) == 141, stderr
+        assert stderr == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_output_that_is_an_input_image_is_refused(tiny_model_dir, image_folder, tmp_path):
+    target = tmp_path / "a.jpg"
+    target.write_bytes((image_folder / "a.jpg").read_bytes())
+    before = target.read_bytes()
+    result = invoke("classify", tmp_path, "-l", "cat,dog", "-f", "csv", "-o", target, "-m", tiny_model_dir)
+    assert_usage_error(result, "a.jpg", "one of the input images", "--output")
+    result = invoke("embed", target, "-o", tmp_path / "b.npy", "-m", tiny_model_dir)
+    assert result.exit_code == 0  # a different output is fine
+    linked = tmp_path / "link.jpg"
+    linked.symlink_to(target)  # the same file under another name
+    result = invoke("embed", tmp_path, "-o", linked, "-m", tiny_model_dir)
+    assert_usage_error(result, "link.jpg", "one of the input images")
+    assert target.read_bytes() == before and linked.is_symlink()
 
 
 @needs_proc

@@ -473,6 +473,42 @@ def test_converting_a_directory_onto_itself_with_force(tiny_model_dir: Path, tmp
 
 
 @needs_fixture
+@needs_fixture
+@pytest.mark.parametrize("case", ["parent-is-a-file", "name-too-long", "parent-missing-and-unmakeable",
+                                  "current-folder", "folder-holding-the-current-one"])
+def test_unusable_destinations_are_one_line_usage_errors(case: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a-file").write_text("x")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    dst, fragment = {
+        "parent-is-a-file": (str(tmp_path / "a-file" / "model"), "choose another destination"),
+        "name-too-long": (str(tmp_path / ("x" * 300)), "file name too long"),
+        "parent-missing-and-unmakeable": (str(tmp_path / "a-file" / "deeper" / "model"), "choose another"),
+        "current-folder": (".", "current folder"),
+        "folder-holding-the-current-one": ("..", "current folder"),
+    }[case]
+    before = sorted(os.listdir(tmp_path)), sorted(os.listdir(work))
+    error_line(run("convert-weights", str(JIT), dst, "--force"), fragment)
+    assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(work))) == before  # nothing left behind
+
+
+@needs_fixture
+def test_a_destination_that_links_to_an_empty_folder_is_written_through(tmp_path: Path) -> None:
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    convert_cli(JIT, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "config.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["link", "target"]
+
+
+def test_converted_weights_are_readable_like_the_other_files(tiny_model_dir: Path, tmp_path: Path) -> None:
+    dst = convert_cli(tiny_model_dir, tmp_path / "out")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in dst.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+
+
 def test_refuses_a_source_inside_the_destination(tmp_path: Path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()
@@ -498,7 +534,7 @@ def test_a_failure_while_writing_leaves_the_destination_as_it_was(existing: bool
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ClipTokenizer, "save", broken_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UsageError, match="cannot write .*out: no space left on device; choose another destination"):
         convert(str(tiny_model_dir), dst, force=True)
     if existing:
         assert {name: (dst / name).read_bytes() for name in os.listdir(dst)} == before

@@ -185,7 +185,8 @@ def test_reduced_precision_keeps_text_in_float32_and_image_tower_closer_than_a_w
     np.testing.assert_array_equal(pipeline.text_features(low, texts), pipeline.text_features(clip, texts))
     full = np.concatenate([b.rows for b in pipeline.image_features(clip, photos)])
     mixed = np.concatenate([b.rows for b in pipeline.image_features(low, photos)])
-    cast = load(str(tiny_model_dir), device="cpu", dtype="fp32").model.to(torch.bfloat16)  # the naive alternative: everything, residual sums included, in bf16
+    # The naive alternative: everything, residual sums included, in bf16.
+    cast = load(str(tiny_model_dir), device="cpu", dtype="fp32").model.to(torch.bfloat16)
     with torch.inference_mode():
         pixels = torch.stack([preprocess(load_image(Path(p)), clip.preprocess) for p in photos])
         whole = cast.encode_image(pixels.to(torch.bfloat16)).float().numpy()
