@@ -329,8 +329,9 @@ def convert_weights(
     dst: Annotated[Path, typer.Argument(help="Directory to write in Hugging Face CLIP layout.")],
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16 for the saved weights.")] = "fp32",
     activation: Annotated[Optional[str], typer.Option(
-        help="hidden_act of both towers: quick_gelu (OpenAI; the default for checkpoint files) or gelu (some "
-        "OpenCLIP models). Overrides config.json when SRC is a directory.")] = None,
+        help="hidden_act of both towers: quick_gelu (OpenAI; the default for checkpoint files), gelu (some "
+        "OpenCLIP models), or gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish. Overrides config.json "
+        "when SRC is a directory.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty DST.")] = False,
     debug: DebugOpt = False,
 ) -> None:

@@ -219,7 +219,7 @@ def _as_triple(name: str, value: object) -> tuple[float, float, float]:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> "RGB" image (8-bit); transparency composited onto white. May return `image` itself."""
-    if image.mode in _SIXTEEN_BIT_MODES:
+    if image.mode in _SIXTEEN_BIT_MODES and not _eight_bit_values(image):
         return _sixteen_bit_to_rgb(image)
     # As transformers' convert_to_rgb: any alpha band ("A"; not premultiplied "a") or a transparency key
     # (P, L, RGB with tRNS) is composited onto opaque white; everything else is Pillow's plain convert.
@@ -235,6 +235,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ValueError as exc:  # modes Pillow cannot convert, e.g. "La"
         raise InputError(f"unsupported image mode {image.mode}") from exc
+
+
+def _eight_bit_values(image: Image.Image) -> bool:
+    """A 32-bit integer ("I") image whose values all lie in 0..255 (a TIFF or PGM saved from 8-bit data): converted
+    as the reference does, not scaled as 16-bit data, which would turn it almost black."""
+    if image.mode != "I":
+        return False
+    low, high = image.getextrema()
+    return 0 <= low and high <= 255
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:

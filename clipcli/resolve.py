@@ -33,6 +33,10 @@ def resolve(spec: str, offline: bool = False) -> ModelFiles:
     if path.is_dir():
         return ModelFiles(spec, _check_directory(path), None)
     if path.is_file():
+        if path.name in WEIGHT_FILES and (path.parent / "config.json").is_file():
+            # The weights file of a Hugging Face directory: its config.json (heads, activation), tokenizer and
+            # preprocessing beside it are the model's too; shapes alone cannot tell them.
+            return ModelFiles(spec, path.parent, None)
         return ModelFiles(spec, None, path)
     if path.exists():
         raise UsageError(f"model '{spec}' is neither a regular file nor a directory")

@@ -546,6 +546,15 @@ def test_a_failure_while_writing_leaves_the_destination_as_it_was(existing: bool
 # ------------------------------------------------------------------------------------------------- --activation
 
 
+def test_activation_help_lists_every_accepted_value() -> None:
+    from clipcli.config import ACTIVATIONS
+
+    result = run("convert-weights", "--help")
+    assert result.exit_code == 0
+    words = " ".join(result.stdout.split())
+    assert all(activation in words for activation in ACTIVATIONS), words
+
+
 @needs_fixture
 def test_activation_option_sets_hidden_act(converted: dict, tmp_path: Path) -> None:
     out = convert_cli(JIT, tmp_path / "gelu", "--activation", "gelu")

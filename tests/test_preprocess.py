@@ -198,6 +198,20 @@ def test_sixteen_bit_is_scaled_not_clipped(mode: str) -> None:
     assert np.asarray(to_rgb(image)).shape == (1, 6, 3)
 
 
+@pytest.mark.parametrize("suffix", [".tif", ".pgm"])
+def test_integer_image_holding_8_bit_values_converts_as_the_reference(tmp_path: Path, suffix: str) -> None:
+    # Pillow opens a 32-bit TIFF (or a PGM) as "I" whatever its range: values 0..255 are 8-bit data, not dark 16-bit.
+    values = (np.arange(12 * 10).reshape(12, 10) * 2 + 10).astype(np.int32)
+    path = tmp_path / f"eight{suffix}"
+    Image.fromarray(values if suffix == ".tif" else values.astype(np.uint16)).save(path)
+    image = load_image(path)
+    assert Image.open(path).mode == "I"
+    raw = Image.open(path)
+    data = {"do_resize": False, "do_center_crop": False}
+    np.testing.assert_array_equal(ours(raw, data), reference(raw, data))
+    assert np.asarray(image)[..., 0].tolist() == values.tolist()
+
+
 def test_sixteen_bit_png_and_transparency_key(tmp_path: Path) -> None:
     path = tmp_path / "deep.png"
     Image.fromarray(SIXTEEN).save(path)

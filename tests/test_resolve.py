@@ -80,6 +80,30 @@ def test_pytorch_model_bin_directory(tmp_path: Path) -> None:
     assert resolve(str(tmp_path)).directory == tmp_path
 
 
+def test_weights_file_of_a_directory_means_the_directory(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        (tmp_path / name).write_bytes(b"")
+        assert resolve(str(tmp_path / name)) == ModelFiles(str(tmp_path / name), tmp_path, None)
+    (tmp_path / "other.safetensors").write_bytes(b"")  # not the directory's weights file: a checkpoint of its own
+    assert resolve(str(tmp_path / "other.safetensors")).checkpoint == tmp_path / "other.safetensors"
+
+
+def test_weights_file_of_a_directory_loads_with_its_config(tmp_path: Path, image_folder: Path) -> None:
+    # gelu, 2 heads and non-default normalisation: none of which the shapes alone would give.
+    from tests.conftest import make_hf_checkpoint
+
+    model = make_hf_checkpoint(tmp_path / "m", text_config={"hidden_act": "gelu", "num_attention_heads": 2},
+                               vision_config={"hidden_act": "gelu", "num_attention_heads": 2})
+    want = load(str(model), device="cpu")
+    got = load(str(model / "model.safetensors"), device="cpu")
+    assert got.config == want.config and got.preprocess == want.preprocess
+    args = ["classify", str(image_folder), "-l", "cat,dog", "-f", "csv"]
+    by_dir = CliRunner().invoke(app, [*args, "-m", str(model)])
+    by_file = CliRunner().invoke(app, [*args, "-m", str(model / "model.safetensors")])
+    assert by_dir.exit_code == 0 and by_file.stdout == by_dir.stdout
+
+
 def test_checkpoint_file(tmp_path: Path) -> None:
     checkpoint = tmp_path / "ViT-B-32.pt"
     checkpoint.write_bytes(b"")
