@@ -17,7 +17,7 @@ from clipcli.config import ACTIVATIONS, CLIPConfig
 from clipcli.errors import UsageError
 from clipcli.model import CLIPModel
 from clipcli.preprocess import PreprocessConfig
-from clipcli.resolve import DEFAULT_MODEL, WEIGHT_FILES, ModelFiles, resolve
+from clipcli.resolve import DEFAULT_MODEL, WEIGHT_FILES, ModelFiles, resolve, shard_names
 from clipcli.tokenizer import ClipTokenizer
 from clipcli.weights import (build_model, check_destination, hf_to_openai, is_hf_layout, is_openai_layout,
                              openai_to_hf, read_state_dict, write_hf_directory)
@@ -91,7 +91,7 @@ def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPCo
             config = dataclasses.replace(config, text=dataclasses.replace(config.text, hidden_act=hidden_act),
                                          vision=dataclasses.replace(config.vision, hidden_act=hidden_act))
         weights = weights_file(files)
-        state = read_state_dict(weights)
+        state = read_weights(weights)
         with _about(weights):
             return config, openai_to_hf(state) if is_openai_layout(state) else state
     state = read_state_dict(files.checkpoint)
@@ -104,6 +104,23 @@ def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPCo
                              "transformers' (vision_model.*, text_model.*); pass a CLIP ViT checkpoint")
         # A bare transformers state dict without config.json: infer the config from the same shapes.
         return CLIPConfig.from_state_dict_shapes(_shapes(hf_to_openai(state)), hidden_act=act), state
+
+
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """A weights file's state dict; for a sharded checkpoint's .index.json, all its shards' tensors merged."""
+    shards = shard_names(weights)
+    if not shards:
+        return read_state_dict(weights)
+    state: dict[str, torch.Tensor] = {}
+    for name in shards:
+        if not (weights.parent / name).is_file():
+            raise UsageError(f"{weights}: shard {name} is missing; download or copy it beside the index")
+        state.update(read_state_dict(weights.parent / name))
+    listed = json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
+    missing = sorted(set(listed) - set(state))
+    if missing:
+        raise UsageError(f"{weights}: '{missing[0]}' is listed but in none of the shards; download the shards again")
+    return state
 
 
 def check_model(files: ModelFiles, config: CLIPConfig, state: dict[str, torch.Tensor]) -> CLIPModel:

@@ -11,7 +11,9 @@ from pathlib import Path
 from clipcli.errors import UsageError
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# In the order transformers prefers them; the .index.json files list the shards of a sharded checkpoint.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 OPTIONAL_FILES = (*TOKENIZER_FILES, "preprocessor_config.json")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -52,8 +54,8 @@ def _check_directory(directory: Path) -> Path:
         raise UsageError(f"model directory '{directory}' has no config.json; pass a Hugging Face CLIP directory "
                          "(config.json + model.safetensors), or convert a checkpoint with `clip convert-weights`")
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
-        raise UsageError(f"model directory '{directory}' has no model.safetensors or pytorch_model.bin; "
-                         "copy the weights beside config.json")
+        raise UsageError(f"model directory '{directory}' has no model.safetensors or pytorch_model.bin (nor a "
+                         "sharded .index.json); copy the weights beside config.json")
     return directory
 
 
@@ -78,10 +80,12 @@ def _hub_snapshot(repo_id: str, offline: bool) -> Path:
         config = Path(huggingface_hub.hf_hub_download(repo_id, "config.json"))
         for name in WEIGHT_FILES:
             try:
-                huggingface_hub.hf_hub_download(repo_id, name)
-                break
+                weights = Path(huggingface_hub.hf_hub_download(repo_id, name))
             except errors.EntryNotFoundError:
                 continue
+            for shard in shard_names(weights):
+                huggingface_hub.hf_hub_download(repo_id, shard)
+            break
         else:
             raise UsageError(f"Hub repo '{repo_id}' has no model.safetensors or pytorch_model.bin; "
                              "it is not a transformers CLIP checkpoint")
@@ -112,6 +116,30 @@ def _cached_snapshot(repo_id: str) -> Path | None:
         return None
     snapshot = Path(config).parent
     for name in WEIGHT_FILES:
-        if isinstance(try_to_load_from_cache(repo_id, name), str):
-            return snapshot
+        weights = try_to_load_from_cache(repo_id, name)
+        if isinstance(weights, str):
+            try:
+                shards = shard_names(Path(weights))
+            except UsageError:
+                return None  # a damaged index: download it again
+            if all(isinstance(try_to_load_from_cache(repo_id, shard), str) for shard in shards):
+                return snapshot
     return None
+
+
+def shard_names(weights: Path) -> list[str]:
+    """The shard files a sharded checkpoint's .index.json lists (its weight_map values), in order; [] otherwise."""
+    if not weights.name.endswith(".index.json"):
+        return []
+    import json
+
+    try:
+        weight_map = json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError(f"{weights}: not a readable shard index (JSON with a weight_map); download or copy it "
+                         "again") from None
+    if not names or not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
+                            for n in names):
+        raise UsageError(f"{weights}: its weight_map must name shard files beside it; download or copy it again")
+    return names

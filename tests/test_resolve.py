@@ -6,6 +6,7 @@ test reads the user's cache or reaches the network."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -169,6 +170,69 @@ def test_hub_id_from_the_cache(tiny_model_dir: Path, hf_cache: Path) -> None:
         np.testing.assert_array_equal(cached.model.encode_image(pixels), local.model.encode_image(pixels))
         ids = local.tokenizer.encode(texts)
         np.testing.assert_array_equal(cached.model.encode_text(ids), local.model.encode_text(ids))
+
+
+def sharded_copy(source: Path, destination: Path, safe: bool = True) -> Path:
+    """`source` re-saved by transformers as a sharded checkpoint (several shards plus an .index.json)."""
+    import transformers
+
+    destination.mkdir()
+    model = transformers.CLIPModel.from_pretrained(source)
+    if safe:
+        model.save_pretrained(destination, max_shard_size="20KB")
+    else:  # transformers 5 always writes safetensors: lay out a torch-format sharded checkpoint by hand
+        state, weight_map = model.state_dict(), {}
+        keys = sorted(state)
+        for index, start in enumerate(range(0, len(keys), 20)):
+            name = f"pytorch_model-{index:05d}.bin"
+            torch.save({k: state[k].contiguous() for k in keys[start:start + 20]}, destination / name)
+            weight_map.update({k: name for k in keys[start:start + 20]})
+        (destination / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        (destination / "config.json").write_bytes((source / "config.json").read_bytes())
+    for name in os.listdir(source):
+        if name.startswith(("tokenizer", "preprocessor")):
+            (destination / name).write_bytes((source / name).read_bytes())
+    return destination
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "torch"])
+def test_sharded_checkpoint_directory(tiny_model_dir: Path, tmp_path: Path, safe: bool) -> None:
+    sharded = sharded_copy(tiny_model_dir, tmp_path / "sharded", safe)
+    index = "model.safetensors.index.json" if safe else "pytorch_model.bin.index.json"
+    assert (sharded / index).is_file() and len(list(sharded.glob("*-0000*"))) > 2
+    want, got = load(str(tiny_model_dir), device="cpu"), load(str(sharded), device="cpu")
+    for key, value in want.model.state_dict().items():
+        assert torch.equal(got.model.state_dict()[key], value), key
+    assert resolve(str(sharded / index)).directory == sharded  # the index names its directory
+
+
+def test_sharded_checkpoint_with_a_missing_shard_or_damaged_index(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sharded = sharded_copy(tiny_model_dir, tmp_path / "sharded")
+    index = sharded / "model.safetensors.index.json"
+    shard = sorted(sharded.glob("model-0000*"))[1]
+    shard.rename(tmp_path / "aside")
+    line = assert_usage_error(CliRunner().invoke(app, ["info", str(sharded)]), shard.name, "missing")
+    assert "index.json" in line
+    (tmp_path / "aside").rename(shard)
+    good = json.loads(index.read_text())
+    index.write_text(json.dumps({"weight_map": {**good["weight_map"], "extra.weight": shard.name}}))
+    assert_usage_error(CliRunner().invoke(app, ["info", str(sharded)]), "'extra.weight' is listed but in none")
+    index.write_text('{"weight_map": {"a": "../escape.safetensors"}}')
+    assert_usage_error(CliRunner().invoke(app, ["info", str(sharded)]), "weight_map", "shard files beside it")
+    index.write_text("{not json")
+    assert_usage_error(CliRunner().invoke(app, ["info", str(sharded)]), "shard index")
+
+
+def test_sharded_hub_id_from_the_cache(tiny_model_dir: Path, hf_cache: Path, tmp_path: Path) -> None:
+    sharded = sharded_copy(tiny_model_dir, tmp_path / "sharded")
+    shards = sorted(n for n in os.listdir(sharded) if n.startswith("model-"))
+    others = sorted(n for n in os.listdir(sharded) if not n.startswith("model-"))
+    cache_repo(hf_cache, "org/clip-partial", sharded, names=others + shards[:-1])  # one shard not downloaded
+    with pytest.raises(UsageError, match="'org/clip-partial' is not in the local Hugging Face cache"):
+        resolve("org/clip-partial")
+    snapshot = cache_repo(hf_cache, "org/clip-sharded", sharded)
+    assert resolve("org/clip-sharded").directory == snapshot
+    assert load("org/clip-sharded", device="cpu").config == load(str(tiny_model_dir), device="cpu").config
 
 
 def test_cached_hub_id_without_weights_counts_as_not_cached(tiny_model_dir: Path, hf_cache: Path) -> None:
