@@ -219,6 +219,7 @@ def classify(
     from clipcli import pipeline
 
     label_list = _read_labels(labels, labels_file)
+    out.check_labels_for(fmt.value, label_list)
     prompt_templates = _templates(template, templates)
     if output is not None and str(output) == "-":
         output = None
@@ -293,7 +294,8 @@ def embed(
         raise UsageError(f"{text_file} has no text lines; put one text per line")
     if str(output) == "-":
         raise UsageError("clip embed writes a .npy file and a sidecar beside it, not stdout; give a file name with -o")
-    out.check_writable(output, stream_ok=False)  # a .npy and its sidecar need real files
+    for path in (output, out.sidecar_path(output)):  # a .npy and its sidecar need real files
+        out.check_writable(path, stream_ok=False)
     failures: list = []
     images: list[str] = []
     if not texts:

@@ -37,6 +37,18 @@ def records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_
     return out
 
 
+CSV_COLUMNS = ("path", "label", "score")  # before one column per label
+
+
+def check_labels_for(fmt: str, labels: Sequence[str]) -> None:
+    """UsageError when a label would share its CSV column name with a fixed column, so that a reader by header
+    name could not tell them apart."""
+    clash = next((label for label in labels if label in CSV_COLUMNS), None) if fmt == "csv" else None
+    if clash is not None:
+        raise UsageError(f"label '{clash}' is also the name of a fixed CSV column ({', '.join(CSV_COLUMNS)}); "
+                         "rename it (e.g. 'a {clash}') or use --format json or jsonl")
+
+
 def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = False) -> str:
     """Classification records as text in `fmt` (table, csv, json or jsonl)."""
     if fmt == "jsonl":
@@ -46,7 +58,7 @@ def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = Fals
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", "label", "score", *labels])
+        writer.writerow([*CSV_COLUMNS, *labels])
         for r in rows:
             writer.writerow([r["path"], r["label"], f"{r['score']:.6g}", *(f"{r['scores'][l]:.6g}" for l in labels)])
         return buffer.getvalue()
@@ -190,7 +202,7 @@ def write_text(path: Path, text: str) -> None:
 def sidecar_path(npy: Path) -> Path:
     """emb.npy -> emb.paths.txt beside it."""
     npy = Path(npy)
-    return npy.with_name((npy.name[:-4] if npy.name.endswith(".npy") else npy.name) + ".paths.txt")
+    return npy.with_name((npy.name[:-4] if npy.name.lower().endswith(".npy") else npy.name) + ".paths.txt")
 
 
 class EmbeddingWriter:

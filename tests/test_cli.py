@@ -432,6 +432,7 @@ USAGE_ERRORS = {
     "unknown-device": (["{images}", "-l", "cat", "--device", "tpu"], ["'tpu'", "cpu"]),
     "unknown-dtype": (["{images}", "-l", "cat", "--dtype", "fp8"], ["'fp8'", "fp32"]),
     "output-is-directory": (["{images}", "-l", "cat", "-o", "{tmp}"], ["is a directory"]),
+    "label-named-like-a-csv-column": (["{images}", "-l", "cat,score", "-f", "csv"], ["'score'", "CSV column", "json"]),
 }
 
 
@@ -645,6 +646,21 @@ def test_reduced_precision_and_fast_decode_stay_close_to_the_reference(tiny_mode
     embedded, names = load_embeddings(npy)
     assert names == paths and embedded.dtype == np.float32
     assert cosines(embedded, reference.image_features(names)).min() >= 0.999
+
+
+def test_csv_column_names_are_fine_as_labels_in_other_formats(tiny_model_dir, in_images_parent):
+    result = invoke("classify", in_images_parent, "-l", "path,label,score", "-f", "jsonl", "-m", tiny_model_dir)
+    assert result.exit_code == 0
+    assert list(json.loads(result.stdout.splitlines()[0])["scores"]) == ["path", "label", "score"]
+
+
+def test_sidecar_name_and_an_unusable_sidecar_path(tiny_model_dir, image_folder, tmp_path):
+    assert invoke("embed", image_folder, "-o", tmp_path / "up.NPY", "-m", tiny_model_dir).exit_code == 0
+    assert sorted(os.listdir(tmp_path)) == ["up.NPY", "up.paths.txt"]
+    (tmp_path / "sc.paths.txt").mkdir()
+    assert_usage_error(invoke("embed", image_folder, "-o", tmp_path / "sc.npy", "-m", tiny_model_dir),
+                       "sc.paths.txt", "is a directory")
+    assert sorted(os.listdir(tmp_path)) == ["sc.paths.txt", "up.NPY", "up.paths.txt"]
 
 
 def test_text_file_with_byte_order_mark_embeds_like_plain_text(tiny_model_dir, tmp_path):
