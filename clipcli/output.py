@@ -46,7 +46,7 @@ def check_labels_for(fmt: str, labels: Sequence[str]) -> None:
     clash = next((label for label in labels if label in CSV_COLUMNS), None) if fmt == "csv" else None
     if clash is not None:
         raise UsageError(f"label '{clash}' is also the name of a fixed CSV column ({', '.join(CSV_COLUMNS)}); "
-                         "rename it (e.g. 'a {clash}') or use --format json or jsonl")
+                         f"rename it (e.g. 'a {clash}') or use --format json or jsonl")
 
 
 def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = False) -> str:

@@ -432,7 +432,8 @@ USAGE_ERRORS = {
     "unknown-device": (["{images}", "-l", "cat", "--device", "tpu"], ["'tpu'", "cpu"]),
     "unknown-dtype": (["{images}", "-l", "cat", "--dtype", "fp8"], ["'fp8'", "fp32"]),
     "output-is-directory": (["{images}", "-l", "cat", "-o", "{tmp}"], ["is a directory"]),
-    "label-named-like-a-csv-column": (["{images}", "-l", "cat,score", "-f", "csv"], ["'score'", "CSV column", "json"]),
+    "label-named-like-a-csv-column": (["{images}", "-l", "cat,score", "-f", "csv"],
+                                      ["'score'", "CSV column", "'a score'", "json"]),
 }
 
 
