@@ -17,7 +17,7 @@ from clipcli.config import ACTIVATIONS, CLIPConfig
 from clipcli.errors import UsageError
 from clipcli.model import CLIPModel
 from clipcli.preprocess import PreprocessConfig
-from clipcli.resolve import DEFAULT_MODEL, WEIGHT_FILES, ModelFiles, resolve, shard_names
+from clipcli.resolve import DEFAULT_MODEL, WEIGHT_FILES, ModelFiles, resolve, shard_map
 from clipcli.tokenizer import ClipTokenizer
 from clipcli.weights import (build_model, check_destination, hf_to_openai, is_hf_layout, is_openai_layout,
                              openai_to_hf, read_state_dict, write_hf_directory)
@@ -108,15 +108,14 @@ def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPCo
 
 def read_weights(weights: Path) -> dict[str, torch.Tensor]:
     """A weights file's state dict; for a sharded checkpoint's .index.json, all its shards' tensors merged."""
-    shards = shard_names(weights)
-    if not shards:
+    listed = shard_map(weights)
+    if not listed:
         return read_state_dict(weights)
     state: dict[str, torch.Tensor] = {}
-    for name in shards:
+    for name in sorted(set(listed.values())):
         if not (weights.parent / name).is_file():
             raise UsageError(f"{weights}: shard {name} is missing; download or copy it beside the index")
         state.update(read_state_dict(weights.parent / name))
-    listed = json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
     missing = sorted(set(listed) - set(state))
     if missing:
         raise UsageError(f"{weights}: '{missing[0]}' is listed but in none of the shards; download the shards again")

@@ -83,7 +83,7 @@ def _hub_snapshot(repo_id: str, offline: bool) -> Path:
                 weights = Path(huggingface_hub.hf_hub_download(repo_id, name))
             except errors.EntryNotFoundError:
                 continue
-            for shard in shard_names(weights):
+            for shard in sorted(set(shard_map(weights).values())):
                 huggingface_hub.hf_hub_download(repo_id, shard)
             break
         else:
@@ -119,7 +119,7 @@ def _cached_snapshot(repo_id: str) -> Path | None:
         weights = try_to_load_from_cache(repo_id, name)
         if isinstance(weights, str):
             try:
-                shards = shard_names(Path(weights))
+                shards = set(shard_map(Path(weights)).values())
             except UsageError:
                 return None  # a damaged index: download it again
             if all(isinstance(try_to_load_from_cache(repo_id, shard), str) for shard in shards):
@@ -127,19 +127,19 @@ def _cached_snapshot(repo_id: str) -> Path | None:
     return None
 
 
-def shard_names(weights: Path) -> list[str]:
-    """The shard files a sharded checkpoint's .index.json lists (its weight_map values), in order; [] otherwise."""
+def shard_map(weights: Path) -> dict[str, str]:
+    """A sharded checkpoint's .index.json as {tensor name: shard file beside it}; {} for any other weights file."""
     if not weights.name.endswith(".index.json"):
-        return []
+        return {}
     import json
 
     try:
         weight_map = json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
+        names = set(weight_map.values())
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         raise UsageError(f"{weights}: not a readable shard index (JSON with a weight_map); download or copy it "
                          "again") from None
     if not names or not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
                             for n in names):
         raise UsageError(f"{weights}: its weight_map must name shard files beside it; download or copy it again")
-    return names
+    return dict(weight_map)
