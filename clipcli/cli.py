@@ -294,14 +294,15 @@ def embed(
         raise UsageError(f"{text_file} has no text lines; put one text per line")
     if str(output) == "-":
         raise UsageError("clip embed writes a .npy file and a sidecar beside it, not stdout; give a file name with -o")
-    for path in (output, out.sidecar_path(output)):  # a .npy and its sidecar need real files
+    files = [output, out.sidecar_path(output)]
+    for path in files:  # a .npy and its sidecar need real files
         out.check_writable(path, stream_ok=False)
     failures: list = []
     images: list[str] = []
     if not texts:
         images, failures = pipeline.find_images(paths or [])
         _warn_if_no_images(images, failures)
-        out.check_not_an_input([output, out.sidecar_path(output)], images)
+        out.check_not_an_input(files, images)
     clip = _load(model, device, dtype)
     for item in texts:
         if clip.tokenizer.is_truncated(item):

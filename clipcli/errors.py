@@ -14,3 +14,8 @@ class UsageError(ClipError):
 
 class InputError(ClipError):
     """One input (image file, text) could not be processed; the others go on, exit code 1 at the end."""
+
+
+def os_reason(err: OSError) -> str:
+    """An OSError as a short lower-case reason for a one-line message: "permission denied", "no such file..."."""
+    return (err.strerror or type(err).__name__).lower()

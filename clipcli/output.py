@@ -17,7 +17,7 @@ from typing import IO
 
 import numpy as np
 
-from clipcli.errors import UsageError
+from clipcli.errors import UsageError, os_reason
 
 FORMATS = ("table", "csv", "json", "jsonl")
 
@@ -116,7 +116,7 @@ def check_writable(path: Path, stream_ok: bool = True) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".probe", dir=folder)
     except OSError as err:
-        raise UsageError(f"output folder '{folder}' is not writable ({_os_reason(err)}); "
+        raise UsageError(f"output folder '{folder}' is not writable ({os_reason(err)}); "
                          "choose another --output") from None
     os.close(fd)
     _remove(probe)
@@ -294,7 +294,7 @@ def _resolved(path: Path) -> Path:
 
 
 def _write_error(path: Path, err: OSError) -> UsageError:
-    return UsageError(f"cannot write '{path}': {_os_reason(err)}; check the disk and the folder")
+    return UsageError(f"cannot write '{path}': {os_reason(err)}; check the disk and the folder")
 
 
 def _temp_prefix(path: Path) -> str:
@@ -304,10 +304,6 @@ def _temp_prefix(path: Path) -> str:
 
 def _folder(path: Path) -> Path:
     return path.parent if str(path.parent) else Path(".")
-
-
-def _os_reason(err: OSError) -> str:
-    return (err.strerror or type(err).__name__).lower()
 
 
 # Every character str.splitlines() breaks at, so that any line reader gets one sidecar line per row.

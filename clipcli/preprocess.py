@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from clipcli.errors import InputError, UsageError
+from clipcli.errors import InputError, UsageError, os_reason
 
 # OpenAI CLIP's normalisation constants (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -327,7 +327,7 @@ def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
     except PermissionError:
         raise InputError("permission denied") from None
     except OSError as exc:
-        raise InputError(_os_reason(exc)) from exc
+        raise InputError(os_reason(exc)) from exc
     # stat first: opening a FIFO would block, and an empty file is worth naming as such.
     if stat.S_ISDIR(info.st_mode):
         raise InputError("is a directory")
@@ -340,7 +340,7 @@ def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
     except PermissionError:
         raise InputError("permission denied") from None
     except OSError as exc:
-        raise InputError(_os_reason(exc)) from exc
+        raise InputError(os_reason(exc)) from exc
     with file:
         return _decode(file, draft_size)
 
@@ -377,10 +377,6 @@ def _decode(file: Any, draft_size: int | None) -> Image.Image:
         raise InputError(f"image too large ({pixels}limit {Image.MAX_IMAGE_PIXELS})") from None
     except Exception as exc:  # noqa: BLE001  # Pillow's decoders raise many types on bad data
         raise InputError(_decode_reason(exc)) from exc
-
-
-def _os_reason(exc: OSError) -> str:
-    return (exc.strerror or type(exc).__name__).lower()
 
 
 def _unidentified_reason(file: Any) -> str:

@@ -3,6 +3,7 @@ UsageError that says how to supply a model. The only module that talks to the Hu
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -131,8 +132,6 @@ def shard_map(weights: Path) -> dict[str, str]:
     """A sharded checkpoint's .index.json as {tensor name: shard file beside it}; {} for any other weights file."""
     if not weights.name.endswith(".index.json"):
         return {}
-    import json
-
     try:
         weight_map = json.loads(weights.read_text(encoding="utf-8"))["weight_map"]
         names = set(weight_map.values())

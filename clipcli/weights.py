@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from clipcli.config import CLIPConfig
-from clipcli.errors import UsageError
+from clipcli.errors import UsageError, os_reason
 from clipcli.model import CLIPModel
 
 # The only keys dropped by name before a strict load: buffers that older transformers checkpoints
@@ -244,8 +244,7 @@ def check_destination(destination: Path, force: bool) -> None:
     try:
         _check_destination(destination, force)
     except OSError as err:
-        reason = (err.strerror or type(err).__name__).lower()
-        raise UsageError(f"cannot use {destination}: {reason}; choose another destination") from None
+        raise UsageError(f"cannot use {destination}: {os_reason(err)}; choose another destination") from None
 
 
 def _check_destination(destination: Path, force: bool) -> None:
@@ -274,8 +273,7 @@ def write_hf_directory(
     try:
         _write_staged(destination, config, state, dtype, extra_files)
     except OSError as err:
-        reason = (err.strerror or type(err).__name__).lower()
-        raise UsageError(f"cannot write {destination}: {reason}; choose another destination") from None
+        raise UsageError(f"cannot write {destination}: {os_reason(err)}; choose another destination") from None
 
 
 def _write_staged(destination: Path, config: CLIPConfig, state: Mapping[str, torch.Tensor], dtype: torch.dtype,
