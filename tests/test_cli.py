@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -494,6 +495,21 @@ def test_bad_format_is_a_plain_usage_error(tiny_model_dir, image_folder):
 def test_parsing_errors_are_one_line(tiny_model_dir, image_folder, args, fragments):
     argv = [a.format(images=image_folder) for a in args]
     assert_click_usage_error(invoke(*argv), *fragments)
+
+
+@pytest.mark.parametrize("raised, code, stderr", [
+    (typer.Abort(), 1, "aborted\n"),
+    (typer._click.exceptions.ClickException("cannot go on"), 1, "Error: cannot go on\n"),
+], ids=["abort", "click-exception"])
+def test_other_click_exits_keep_their_code_and_one_line(image_folder, monkeypatch, raised, code, stderr):
+    from clipcli import cli
+
+    def stop(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(cli, "_read_labels", stop)
+    result = invoke("classify", image_folder, "-l", "cat")
+    assert (result.exit_code, result.stdout, result.stderr) == (code, "", stderr)
 
 
 def test_parsing_errors_are_one_line_from_the_installed_command(tiny_model_dir, image_folder):
