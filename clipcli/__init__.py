@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "load": "clipcli.loader",
-    "Clip": "clipcli.loader",
+    "load": "clipcli.api",
+    "Clip": "clipcli.api",
+    "encode_images": "clipcli.api",
+    "encode_texts": "clipcli.api",
+    "zero_shot": "clipcli.api",
     "convert": "clipcli.loader",
-    "encode_images": "clipcli.pipeline",
-    "encode_texts": "clipcli.pipeline",
-    "zero_shot": "clipcli.pipeline",
-    "classify": "clipcli.pipeline",
     "ClipError": "clipcli.errors",
     "UsageError": "clipcli.errors",
     "InputError": "clipcli.errors",

@@ -1,53 +1,27 @@
-"""The `clip` command: parse options, call one pipeline function, render with output.py, choose the exit code.
-One handler maps ClipError to a one-line message (exit 2) and interruption to 130/143. Heavy imports stay inside
-commands so `clip --help` is fast."""
+"""The `clip` command: each command parses its options, calls the pipeline, renders with output.py and chooses the
+exit code. Process plumbing (signals, exit codes, one-line errors, stdout) lives in process.py. Heavy modules are
+imported inside commands, so `clip --help` is fast and a run answered from the index imports no torch."""
 
 from __future__ import annotations
 
-import functools
-import os
-import signal
 import sys
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from typer import _click as click
-from typer.core import TyperGroup
 
-from clipcli.errors import ClipError, InputError, UsageError
+from clipcli.errors import UsageError
+from clipcli.process import (EXIT_SOME_FAILED, OneLineErrors, eprint, handle_errors, install_signal_handlers, warn,
+                             write_stdout)
+
+if TYPE_CHECKING:
+    from clipcli.inputs import Failure
+    from clipcli.pipeline import Session
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"  # also resolve.DEFAULT_MODEL; kept here to keep --help light
-
-
-class OneLineErrors(TyperGroup):
-    """Command-line parsing errors (unknown option, missing argument, invalid value) as one 'error: ...' line with
-    exit 2, like every other usage error, instead of click's usage text, hint and 'Error:' line."""
-
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as err:  # bare `clip`: the help, as before
-            err.show()
-            sys.exit(err.exit_code)
-        except click.exceptions.UsageError as err:
-            where = f"; see '{err.ctx.command_path} --help'" if err.ctx is not None else ""
-            _eprint(f"error: {' '.join(err.format_message().split()).rstrip('.')}{where}")
-            sys.exit(err.exit_code)
-        except click.exceptions.ClickException as err:
-            err.show()
-            sys.exit(err.exit_code)
-        except typer.Abort:
-            _eprint("aborted")
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
 
 app = typer.Typer(
     name="clip",
@@ -63,82 +37,6 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived: unwind like KeyboardInterrupt so temp files are cleaned up, then exit 143."""
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    # From the first SIGINT or SIGTERM on, both are ignored: a second Ctrl-C must not cut short the cleanup of temp
-    # files that the first one started (or turn it into a traceback).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
-
-
-def _eprint(message: str) -> None:
-    from clipcli.output import display_line
-
-    print(display_line(message), file=sys.stderr, flush=True)
-
-
-def handle_errors(command: Callable) -> Callable:
-    """Run a command: ClipError -> 'error: ...' + exit 2, Ctrl-C -> 130, SIGTERM -> 143, output pipe closed by its
-    reader -> 141 without a message; warnings silenced."""
-
-    @functools.wraps(command)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        debug = bool(kwargs.get("debug"))
-        try:
-            with warnings.catch_warnings():
-                if not debug:
-                    warnings.simplefilter("ignore")
-                command(*args, **kwargs)
-        except UsageError as err:
-            if debug:
-                raise
-            _eprint(f"error: {err}")
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            _eprint("interrupted; no output was written")
-            raise typer.Exit(130) from None
-        except Terminated:
-            _eprint("terminated; no output was written")
-            raise typer.Exit(143) from None
-        except BrokenPipeError:
-            # The reader of our output went away (`clip ... | head`): stop quietly with 128 + SIGPIPE, as a shell
-            # tool killed by SIGPIPE would, and point stdout at /dev/null so the flush at exit cannot fail again.
-            _silence_stdout()
-            raise typer.Exit(141) from None
-
-    return wrapper
-
-
-def _write_stdout(text: str) -> None:
-    """All of `text` to stdout. An unbuffered stdout (python -u, PYTHONUNBUFFERED) takes one write() call per
-    write, which a pipe may only partly accept (its reader quit mid-way): loop until all is written or the
-    reader's departure raises BrokenPipeError, instead of dropping the rest silently."""
-    sys.stdout.flush()
-    buffer = getattr(sys.stdout, "buffer", None)
-    if buffer is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    rest = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
-    while rest:
-        written = buffer.write(rest)
-        rest = rest[written or 0:]
-    buffer.flush()
-
-
-def _silence_stdout() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # no real stdout (e.g. captured by a test runner): nothing to flush there
-        pass
 
 
 def _version(value: bool) -> None:
@@ -157,6 +55,8 @@ def root(
     """Zero-shot image classification and embeddings with CLIP."""
 
 
+# ------------------------------------------------------------------------------------------------ shared options
+
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", envvar="CLIP_MODEL",
     help="Hugging Face CLIP directory, OpenAI-format .pt checkpoint, or Hub id.")]
@@ -168,6 +68,10 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", min=1, help="Image decoding threads (default: one per CPU core).")]
 FastOpt = Annotated[bool, typer.Option(
     "--fast-decode", help="Decode large JPEGs at reduced scale before the exact resize (faster, near-identical).")]
+IndexOpt = Annotated[Optional[Path], typer.Option(
+    "--index", envvar="CLIP_INDEX", show_default=False,
+    help="The embedding index file [default: $XDG_CACHE_HOME/clipcli/index.db].")]
+NoIndexOpt = Annotated[bool, typer.Option("--no-index", help="Neither read nor write the embedding index.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 PathsArg = Annotated[list[str], typer.Argument(
@@ -181,6 +85,28 @@ class Format(str, Enum):
     csv = "csv"
     json = "json"
     jsonl = "jsonl"
+
+
+@contextmanager
+def _session(model: str, device: str, dtype: str, fast_decode: bool, batch_size: int, workers: int | None,
+             index: Path | None, no_index: bool) -> Iterator[Session]:
+    """The run's Session, its index open for the run (none with --no-index)."""
+    from clipcli.index import default_location, open_index
+    from clipcli.pipeline import Session, Settings
+    from clipcli.process import keep_freed_memory
+
+    keep_freed_memory()  # process-wide malloc setting: this program's to choose, measured in benchmarks/README.md
+    settings = Settings(model=model, device=device, dtype=dtype, fast_decode=fast_decode, batch_size=batch_size,
+                        workers=workers)
+    store = open_index(None if no_index else (index or default_location()), warn)
+    try:
+        yield Session(settings, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+# ------------------------------------------------------------------------------------------------ commands
 
 
 @app.command()
@@ -204,6 +130,8 @@ def classify(
     dtype: DtypeOpt = "auto",
     workers: WorkersOpt = None,
     fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -215,39 +143,39 @@ def classify(
 
       clip classify a.jpg b.png -l cat,dog --templates imagenet -f jsonl -o out.jsonl
     """
+    import numpy as np
+
     from clipcli import output as out
     from clipcli import pipeline
+    from clipcli.inputs import find_images
 
     label_list = _read_labels(labels, labels_file)
     out.check_labels_for(fmt.value, label_list)
     prompt_templates = _templates(template, templates)
-    if output is not None and str(output) == "-":
-        output = None
+    output = None if output is None or str(output) == "-" else output
     if output is not None:
         out.check_writable(output)
-    images, failures = pipeline.find_images(paths)
+    images, failures = find_images(paths)
     _warn_if_no_images(images, failures)
     if output is not None:
         out.check_not_an_input([output], images)
-    clip = _load(model, device, dtype)
-    for label in label_list:
-        if any(clip.tokenizer.is_truncated(t.replace("{}", label)) for t in prompt_templates):
-            _eprint(f"warning: label '{label}' is longer than the model's {clip.tokenizer.context_length}-token "
-                    "context and was truncated")
-    found_paths: list[str] = []
-    rows = []
-    with _progress(len(images), quiet) as advance:
-        for batch in pipeline.classify(clip, images, label_list, prompt_templates, batch_size, workers, fast_decode,
-                                       on_failure=failures.append, progress=advance):
-            found_paths.extend(batch.paths)
-            rows.append(batch.rows)
-    import numpy as np
-
-    probs = np.concatenate(rows) if rows else np.zeros((0, len(label_list)), dtype=np.float32)
-    text = out.render(out.records(found_paths, probs, label_list, top_k), label_list, fmt.value,
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
+        label_set = pipeline.label_embeddings(session, label_list, prompt_templates)
+        for label in label_set.truncated:
+            warn(f"label '{label}' is longer than the model's {session.info.context_length}-token context and "
+                 "was truncated")
+        found: list[str] = []
+        rows = []
+        with out.progress_bar(len(images), quiet) as advance:
+            for batch in pipeline.classify(session, images, label_set, progress=advance):
+                found.extend(batch.paths)
+                rows.append(batch.scores)
+                failures.extend(batch.failures)
+    scores = np.concatenate(rows) if rows else np.zeros((0, len(label_list)), dtype=np.float32)
+    text = out.render(out.records(found, scores, label_list, top_k), label_list, fmt.value,
                       color=output is None and fmt is Format.table and sys.stdout.isatty())
     if output is None:
-        _write_stdout(text)
+        write_stdout(text)
     else:
         out.write_text(output, text)
     _finish(failures)
@@ -269,6 +197,8 @@ def embed(
     dtype: DtypeOpt = "auto",
     workers: WorkersOpt = None,
     fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -282,6 +212,7 @@ def embed(
     """
     from clipcli import output as out
     from clipcli import pipeline
+    from clipcli.inputs import find_images
 
     texts = list(text or []) + (_read_lines(text_file, "--text-file") if text_file else [])
     for item in texts:
@@ -297,32 +228,101 @@ def embed(
     files = [output, out.sidecar_path(output)]
     for path in files:  # a .npy and its sidecar need real files
         out.check_writable(path, stream_ok=False)
-    failures: list = []
+    failures: list[Failure] = []
     images: list[str] = []
     if not texts:
-        images, failures = pipeline.find_images(paths or [])
+        images, failures = find_images(paths or [])
         _warn_if_no_images(images, failures)
         out.check_not_an_input(files, images)
-    clip = _load(model, device, dtype)
-    for item in texts:
-        if clip.tokenizer.is_truncated(item):
-            _eprint(f"warning: text '{item[:60]}{'…' if len(item) > 60 else ''}' is longer than the model's "
-                    f"{clip.tokenizer.context_length}-token context and was truncated")
-    writer = out.EmbeddingWriter(output)
-    try:
-        if texts:
-            for batch in pipeline.embed_texts(clip, texts, normalized=not no_normalize):
-                writer.add(batch.paths, batch.rows)
-        else:
-            with _progress(len(images), quiet) as advance:
-                for batch in pipeline.embed_images(clip, images, not no_normalize, batch_size, workers, fast_decode,
-                                                   on_failure=failures.append, progress=advance):
-                    writer.add(batch.paths, batch.rows)
-        writer.close(clip.config.projection_dim)
-    except BaseException:
-        writer.abort()
-        raise
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
+        writer = out.EmbeddingWriter(output)
+        try:
+            if texts:
+                embedded = pipeline.embed_texts(session, texts, normalized=not no_normalize)
+                for item, truncated in zip(texts, embedded.truncated):
+                    if truncated:
+                        warn(f"text '{item[:60]}{'…' if len(item) > 60 else ''}' is longer than the model's "
+                             f"{session.info.context_length}-token context and was truncated")
+                writer.add(embedded.texts, embedded.features)
+            else:
+                with out.progress_bar(len(images), quiet) as advance:
+                    for batch in pipeline.embed_images(session, images, normalized=not no_normalize,
+                                                       progress=advance):
+                        writer.add(batch.paths, batch.features)
+                        failures.extend(batch.failures)
+            writer.close(session.info.projection_dim)
+        except BaseException:
+            writer.abort()
+            raise
     _finish(failures)
+
+
+@app.command("index")
+@handle_errors
+def index_command(
+    paths: Annotated[Optional[list[str]], typer.Argument(
+        metavar="PATH", help="Image files and/or folders to add or update.", show_default=False)] = None,
+    info: Annotated[bool, typer.Option("--info", help="Show what the index holds (also without PATH).")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Forget files that are gone, and their embeddings.")] = False,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove every entry.")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Build or update the embedding index, or show, prune or clear it.
+
+    Examples:
+
+      clip index photos/            (embed what is new or changed; a summary line at the end)
+
+      clip index                    (what the index holds: entries per model, size)
+
+      clip index --prune            (forget files that no longer exist)
+    """
+    from clipcli import output as out
+    from clipcli import pipeline
+    from clipcli.index import Index, default_location
+    from clipcli.inputs import find_images
+
+    if sum((bool(paths), prune, clear)) > 1:
+        raise UsageError("give PATHs to index, --prune or --clear, one at a time")
+    location = index or default_location()
+    if paths:
+        images, failures = find_images(paths)
+        _warn_if_no_images(images, failures)
+        with _session(model, device, dtype, fast_decode, batch_size, workers, location, False) as session:
+            with out.progress_bar(len(images), quiet) as advance:
+                counts = pipeline.index_images(session, images, progress=advance)
+        failures.extend(counts.failures)
+        eprint(f"indexed {len(images)} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
+               f"{counts.unchanged} unchanged, {len(failures)} failed")
+        _finish(failures)
+        return
+    if not location.exists():
+        raise UsageError(f"there is no index at {location} yet; `clip index PATH` or any classify/embed run makes it")
+    store = Index(location, warn)
+    try:
+        if prune:
+            pruned = store.prune()
+            if pruned is not None:
+                eprint(f"pruned {location}: {pruned[0]} file(s) that are gone, {pruned[1]} embedding(s) no file has")
+        elif clear:
+            if store.clear():
+                eprint(f"cleared {location}")
+        else:
+            summary = store.summary()
+            if summary is not None:
+                write_stdout(out.render_index_summary(summary))
+    finally:
+        store.close()
+    if not store.usable:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command("convert-weights")
@@ -347,7 +347,7 @@ def convert_weights(
     from clipcli.loader import convert
 
     written = convert(src, dst, dtype=dtype, hidden_act=activation, force=force)
-    _eprint(f"wrote {written}")
+    eprint(f"wrote {written}")
 
 
 @app.command()
@@ -359,7 +359,9 @@ def info(
     debug: DebugOpt = False,
 ) -> None:
     """Describe a model: architecture, parameters, dtype, image size, context length, source."""
-    clip = _load(model, device, dtype)
+    from clipcli.loader import load
+
+    clip = load(model, device=device, dtype=dtype)
     config = clip.config
     params = sum(p.numel() for p in clip.model.parameters())
     vision, text = config.vision, config.text
@@ -382,13 +384,7 @@ def info(
         typer.echo(f"{key + ':':<16}{value}")
 
 
-def _load(model: str, device: str, dtype: str):  # -> loader.Clip
-    from clipcli.loader import load
-    from clipcli.pipeline import keep_freed_memory
-
-    keep_freed_memory()  # process-wide malloc setting: this program's to choose, measured in benchmarks/README.md
-
-    return load(model, device=device, dtype=dtype)
+# ------------------------------------------------------------------------------------------------ helpers
 
 
 def _read_lines(path: Path, option: str) -> list[str]:
@@ -404,6 +400,8 @@ def _read_lines(path: Path, option: str) -> list[str]:
 
 
 def _read_labels(labels: list[str] | None, labels_file: Path | None) -> list[str]:
+    from clipcli.pipeline import check_labels
+
     if labels and labels_file is not None:
         raise UsageError("give --labels or --labels-file, not both")
     if labels_file is not None:
@@ -412,12 +410,9 @@ def _read_labels(labels: list[str] | None, labels_file: Path | None) -> list[str
         items = [item.strip() for group in labels or [] for item in group.split(",") if item.strip()]
     if not items:
         raise UsageError("no labels; pass --labels cat,dog,car or --labels-file FILE (one label per line)")
-    seen: set[str] = set()
     for item in items:
         _check_utf8("label", item)
-        if item in seen:
-            raise UsageError(f"label '{item}' is given twice; list each label once")
-        seen.add(item)
+    check_labels(items)
     return items
 
 
@@ -445,58 +440,25 @@ def _templates(template: list[str] | None, templates: str | None) -> list[str]:
     return chosen
 
 
-class _progress:
-    """A rich progress bar on stderr (images/s, ETA), hidden when stderr is no terminal or with --quiet."""
-
-    def __init__(self, total: int, quiet: bool) -> None:
-        self.enabled = not quiet and total > 0 and sys.stderr.isatty()
-        self.total = total
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                                   TimeRemainingColumn)
-        from rich.text import Text
-
-        class Rate(ProgressColumn):
-            def render(self, task) -> Text:
-                speed = task.finished_speed or task.speed
-                return Text(f"{speed:.1f} img/s" if speed else "")
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            Rate(), TimeRemainingColumn(),
-                            console=Console(file=sys.stderr), transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task("images", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-
 def _warn_if_no_images(images: list[str], failures: list) -> None:
     if not images and not failures:
-        from clipcli.pipeline import IMAGE_EXTENSIONS
+        from clipcli.inputs import IMAGE_EXTENSIONS
 
-        _eprint("warning: no images found; images are recognised by extension ("
-                + " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)) + ")")
+        warn("no images found; images are recognised by extension ("
+             + " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)) + ")")
 
 
-def _finish(failures: list) -> None:
+def _finish(failures: list[Failure]) -> None:
     for failure in sorted(failures, key=lambda f: f.path):  # walk and decode failures, in one path order
-        _eprint(f"{failure.path}: {failure.reason}")
+        eprint(f"{failure.path}: {failure.reason}")
     if failures:
-        _eprint(f"{len(failures)} input(s) failed; the others were processed")
-        raise typer.Exit(1)
+        eprint(f"{len(failures)} input(s) failed; the others were processed")
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def main() -> None:
     """Console entry point."""
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    install_signal_handlers()
     app(prog_name="clip")
 
 

@@ -6,18 +6,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from clipcli.config import ACTIVATIONS, CLIPConfig
-from clipcli.errors import UsageError
+from clipcli.errors import OptionError, UsageError
+from clipcli.fsutil import read_json
 from clipcli.model import CLIPModel
 from clipcli.preprocess import PreprocessConfig
-from clipcli.resolve import DEFAULT_MODEL, WEIGHT_FILES, ModelFiles, resolve, shard_map
+from clipcli.resolve import DEFAULT_MODEL, ModelFiles, resolve, shard_map, weights_file
 from clipcli.tokenizer import ClipTokenizer
 from clipcli.weights import (build_model, check_destination, hf_to_openai, is_hf_layout, is_openai_layout,
                              openai_to_hf, read_state_dict, write_hf_directory)
@@ -44,9 +46,39 @@ class Clip:
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 
+    @property
+    def dtype_name(self) -> str:
+        """fp32, fp16 or bf16: the precision of the image tower."""
+        return next(name for name, value in DTYPE_NAMES.items() if value == self.dtype)
+
     def image_precision(self) -> torch.autocast:
         """Context for running the image tower: autocast to `dtype` when that is reduced precision, else a no-op."""
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def image_features(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """B preprocessed (3, H, W) float32 images -> (B, D) float32 raw projected features, computed in `dtype`."""
+        pinned = self.device.type == "cuda"
+        # Stacked straight into page-locked memory on CUDA, so the copy to the GPU can run asynchronously.
+        batch = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.float32, pin_memory=pinned)  # (B, 3, H, W)
+        torch.stack([torch.from_numpy(p) for p in pixels], out=batch)
+        with torch.inference_mode(), self.image_precision():
+            features = self.model.encode_image(batch.to(device=self.device, non_blocking=pinned))
+        return features.float().cpu().numpy()
+
+    def text_features(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """N texts -> (N, D) float32 raw projected features, computed in float32 whatever `dtype` (see place_model);
+        each batch is padded to its longest text, not to the context length."""
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            ids = self.tokenizer.encode(texts[start:start + batch_size]).to(self.device)  # (B, T) int64
+            with torch.inference_mode():
+                rows.append(self.model.encode_text(ids).float().cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, self.config.projection_dim), dtype=np.float32)
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale), the factor on cosine similarities in logits_per_image."""
+        return float(self.model.logit_scale.float().exp())
 
 
 def load(
@@ -54,9 +86,13 @@ def load(
     offline: bool = False,
 ) -> Clip:
     """Load `model` (directory, checkpoint file or Hub id) onto `device` in `dtype`; UsageError when it cannot be."""
+    return load_files(resolve(model, offline=offline), device=device, dtype=dtype, hidden_act=hidden_act)
+
+
+def load_files(files: ModelFiles, device: str = "auto", dtype: str = "auto", hidden_act: str | None = None) -> Clip:
+    """Load resolved model files onto `device` in `dtype`; UsageError when they cannot be loaded."""
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
-    files = resolve(model, offline=offline)
     config, state = read_model(files, hidden_act)
     clip_model = place_model(check_model(files, config, state), target_device, target_dtype)
     return Clip(clip_model, read_tokenizer(files, config), read_preprocess(files, config), _describe(files),
@@ -84,7 +120,7 @@ def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPCo
     `hidden_act` sets the activation of both towers: the config of a checkpoint file has none (OpenAI's weights
     were trained with QuickGELU, the default), and for a directory it overrides config.json."""
     if hidden_act is not None and hidden_act not in ACTIVATIONS:
-        raise UsageError(f"unknown activation '{hidden_act}'; use one of {', '.join(ACTIVATIONS)}")
+        raise OptionError("hidden_act", hidden_act, "unknown activation", f"use one of {', '.join(ACTIVATIONS)}")
     if files.directory is not None:
         config = CLIPConfig.from_dict(_read_json(files.directory / "config.json"))
         if hidden_act is not None:
@@ -128,13 +164,6 @@ def check_model(files: ModelFiles, config: CLIPConfig, state: dict[str, torch.Te
            else "the checkpoint is incomplete, damaged, or for another architecture")
     with _about(weights_file(files)):
         return build_model(config, state, fix)
-
-
-def weights_file(files: ModelFiles) -> Path:
-    """The checkpoint file itself, or the directory's model.safetensors / pytorch_model.bin."""
-    if files.directory is None:
-        return files.checkpoint
-    return next(files.directory / n for n in WEIGHT_FILES if (files.directory / n).is_file())
 
 
 @contextmanager
@@ -184,13 +213,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu or auto")
+            raise OptionError("device", name, "no CUDA GPU is available", "use {option} cpu or auto")
         return torch.device(name)
     if name == "mps":
         if not torch.backends.mps.is_available():
-            raise UsageError("--device mps was asked for but Apple's MPS is not available; use --device cpu or auto")
+            raise OptionError("device", name, "Apple's MPS is not available", "use {option} cpu or auto")
         return torch.device("mps")
-    raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or mps")
+    raise OptionError("device", name, "unknown device", "use {option} auto, cpu, cuda or mps")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -198,13 +227,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if name not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype '{name}'; use auto, fp32, fp16 or bf16")
+        raise OptionError("dtype", name, "unknown dtype", "use {option} auto, fp32, fp16 or bf16")
     dtype = DTYPE_NAMES[name]
     if dtype != torch.float32:
         reason = _autocast_refusal(device, dtype)
         if reason is not None:
             other = "fp16 or fp32" if name == "bf16" else "fp32"
-            raise UsageError(f"--dtype {name} cannot run on {device.type} here ({reason}); use --dtype {other}")
+            raise OptionError("dtype", name, f"cannot run on {device.type} here ({reason})", "use {option} " + other)
     return dtype
 
 
@@ -226,13 +255,7 @@ def _autocast_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: cannot read ({err.__class__.__name__}); check the file") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}; "
-                         "fix or re-download it") from None
+    data = read_json(path, "fix or re-download it")
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a JSON object; fix or re-download it")
     return data
@@ -252,7 +275,7 @@ def convert(src: str, dst: Path, dtype: str = "fp32", hidden_act: str | None = N
 
     Everything is read and checked (every key and shape) before anything is written; see write_hf_directory."""
     if dtype not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype '{dtype}'; use fp32, fp16 or bf16")
+        raise OptionError("dtype", dtype, "unknown dtype", "use {option} fp32, fp16 or bf16")
     dst = Path(dst)
     check_destination(dst, force)  # fail before reading a large checkpoint
     files = resolve(src)

@@ -9,15 +9,20 @@ import io
 import json
 import os
 import stat
+import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipcli.errors import UsageError, os_reason
+from clipcli.errors import OptionError, UsageError, os_reason
+from clipcli.fsutil import atomic_file, finish_file, folder_of, remove_file, temp_file, temp_prefix
+
+if TYPE_CHECKING:
+    from clipcli.index import Summary
 
 FORMATS = ("table", "csv", "json", "jsonl")
 
@@ -45,8 +50,8 @@ def check_labels_for(fmt: str, labels: Sequence[str]) -> None:
     name could not tell them apart."""
     clash = next((label for label in labels if label in CSV_COLUMNS), None) if fmt == "csv" else None
     if clash is not None:
-        raise UsageError(f"label '{clash}' is also the name of a fixed CSV column ({', '.join(CSV_COLUMNS)}); "
-                         f"rename it (e.g. 'a {clash}') or use --format json or jsonl")
+        raise OptionError("labels", clash, f"is also the name of a fixed CSV column ({', '.join(CSV_COLUMNS)})",
+                          f"rename it (e.g. 'a {clash}') or use --format json or jsonl")
 
 
 def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = False) -> str:
@@ -107,59 +112,19 @@ def check_writable(path: Path, stream_ok: bool = True) -> None:
         if not stream_ok:
             raise UsageError(f"output '{path}' is not a regular file; give a file name")
         return
-    folder = _folder(_resolved(path))
+    folder = folder_of(_resolved(path))
     if not folder.exists():
         raise UsageError(f"output folder '{folder}' does not exist; create it first")
     if not folder.is_dir():
         raise UsageError(f"output folder '{folder}' is not a folder; give a path inside an existing folder")
     # Try it: permission bits say nothing for root, read-only mounts or /proc, where os.access() still says yes.
     try:
-        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".probe", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".probe", dir=folder)
     except OSError as err:
-        raise UsageError(f"output folder '{folder}' is not writable ({os_reason(err)}); "
-                         "choose another --output") from None
+        raise OptionError("output", path, f"its folder '{folder}' is not writable ({os_reason(err)})",
+                          "choose another {option}") from None
     os.close(fd)
-    _remove(probe)
-
-
-@contextmanager
-def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
-    """Write to a temp file beside `path`, then rename it into place; on any error the temp file is removed."""
-    path = Path(path)
-    with _temp_file(path, mode) as (handle, temp):
-        yield handle
-        _finish_file(handle)
-        os.replace(temp, path)
-
-
-@contextmanager
-def _temp_file(path: Path, mode: str) -> Iterator[tuple[IO, str]]:
-    """An open temp file beside `path` and its name; removed at the end unless renamed into place by then."""
-    fd, temp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".part", dir=_folder(path))
-    text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
-    try:
-        # mkstemp makes the file private (0600); give it what a plain open() would (or what the old file had).
-        os.chmod(temp, _new_file_mode(path))
-        with os.fdopen(fd, mode, **text) as handle:
-            yield handle, temp
-    finally:
-        _remove(temp)
-
-
-def _finish_file(handle: IO) -> None:
-    """Flush, fsync and close: a file renamed into place afterwards is complete on disk."""
-    handle.flush()
-    os.fsync(handle.fileno())
-    handle.close()
-
-
-def _new_file_mode(path: Path) -> int:
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)  # replacing a file keeps its permissions
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+    remove_file(probe)
 
 
 def check_not_an_input(outputs: Sequence[Path], inputs: Sequence[str]) -> None:
@@ -180,8 +145,8 @@ def check_not_an_input(outputs: Sequence[Path], inputs: Sequence[str]) -> None:
             continue
         path = existing.get((info.st_dev, info.st_ino))
         if path is not None and stat.S_ISREG(info.st_mode):
-            raise UsageError(f"output '{display_path(str(path))}' is one of the input images "
-                             f"('{display_path(item)}'); choose another --output")
+            raise OptionError("output", display_path(str(path)), f"is one of the input images ('{display_path(item)}')",
+                              "choose another {option}")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -215,8 +180,8 @@ class EmbeddingWriter:
         self.path = _resolved(Path(path))
         self.sidecar = _resolved(sidecar_path(Path(path)))  # beside the name given, wherever a link points
         try:
-            fd, self._rows_file = tempfile.mkstemp(prefix=_temp_prefix(self.path), suffix=".rows",
-                                                   dir=_folder(self.path))
+            fd, self._rows_file = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".rows",
+                                                   dir=folder_of(self.path))
         except OSError as err:
             raise _write_error(self.path, err) from None
         self._rows = os.fdopen(fd, "wb")
@@ -242,26 +207,26 @@ class EmbeddingWriter:
             self._rows.close()
             # Both files are complete on disk before either is renamed, and the .npy is renamed last: a new .npy
             # never stands beside an old sidecar, and an interruption before the renames leaves the old pair.
-            with _temp_file(sidecar, "w") as (names, names_temp), _temp_file(self.path, "wb") as (array, array_temp):
-                names.write("".join(_one_line(name) + "\n" for name in self._names))
-                _finish_file(names)
+            with temp_file(sidecar, "w") as (names, names_temp), temp_file(self.path, "wb") as (array, array_temp):
+                names.write("".join(_sidecar_line(name) + "\n" for name in self._names))
+                finish_file(names)
                 np.lib.format.write_array_header_1_0(
                     array, {"descr": "<f4", "fortran_order": False, "shape": (count, width)})
                 with open(self._rows_file, "rb") as rows:
                     while chunk := rows.read(1 << 20):
                         array.write(chunk)
-                _finish_file(array)
+                finish_file(array)
                 os.replace(names_temp, sidecar)
                 os.replace(array_temp, self.path)
         except OSError as err:
             raise _write_error(self.path, err) from None
         finally:
-            _remove(self._rows_file)
+            remove_file(self._rows_file)
 
     def abort(self) -> None:
         """Drop everything written so far; nothing appears at the target paths."""
         self._rows.close()
-        _remove(self._rows_file)
+        remove_file(self._rows_file)
 
 
 def is_stream(path: Path) -> bool:
@@ -297,21 +262,12 @@ def _write_error(path: Path, err: OSError) -> UsageError:
     return UsageError(f"cannot write '{path}': {os_reason(err)}; check the disk and the folder")
 
 
-def _temp_prefix(path: Path) -> str:
-    # Hidden, named after the target, and short enough that the temp name fits where the target's name fits.
-    return f".{path.name[:120]}."
-
-
-def _folder(path: Path) -> Path:
-    return path.parent if str(path.parent) else Path(".")
-
-
 # Every character str.splitlines() breaks at, so that any line reader gets one sidecar line per row.
 _SIDECAR_BREAKS = {ord("\n"): "\\n", ord("\r"): "\\r", 0x0B: "\\x0b", 0x0C: "\\x0c", 0x1C: "\\x1c",
                    0x1D: "\\x1d", 0x1E: "\\x1e", 0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
-def _one_line(name: str) -> str:
+def _sidecar_line(name: str) -> str:
     # A path or text holding a line break would shift every later line of the sidecar: write it as "\n".
     return name.translate(_SIDECAR_BREAKS)
 
@@ -332,8 +288,36 @@ def display_line(text: str) -> str:
     return display_path(text).translate(_CONTROL)
 
 
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+@contextmanager
+def progress_bar(total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (images/s, ETA), hidden when stderr is no terminal or with `quiet`; yields the
+    function to call with the number of inputs just finished."""
+    if quiet or total <= 0 or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f} img/s" if speed else "")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
+                  console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task("images", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def render_index_summary(summary: Summary) -> str:
+    """What `clip index` shows: where the index is, its size, and its entries per model variant."""
+    lines = [f"index: {display_path(str(summary.path))} ({summary.size_bytes / 1e6:.1f} MB, "
+             f"{summary.files:,} files remembered)"]
+    if not summary.models:
+        lines.append("no embeddings yet")
+    for model in summary.models:
+        precision = f"{model.dtype}, {'fast' if model.fast_decode else 'exact'} decode" if model.dtype else "-"
+        lines.append(f"{model.name} [{model.fingerprint[:12]}]  {precision}: {model.images:,} images, "
+                     f"{model.prompts:,} prompts")
+    return "\n".join(lines) + "\n"

@@ -1,336 +1,530 @@
-"""classify() and embed() over a loaded Clip: find images, decode them in parallel ahead of the model, run batches,
-return data (numpy float32, paths, failures). Never formats text or writes files; that is output.py's job."""
+"""The local engine: image and text features for a run, read through the embedding index. Images are read and hashed
+in parallel, looked up by content, and only the misses are decoded and run through the model, which is loaded on
+first need; each computed batch is stored as it completes. classify() and embed() build on that and return data
+(float32 arrays, paths, failures), never text or files.
+
+Imports no torch: a run whose every image and prompt is already in the index needs no model at all."""
 
 from __future__ import annotations
 
-import ctypes
 import os
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image
 
-from clipcli.errors import InputError, UsageError
-from clipcli.loader import Clip
-from clipcli.preprocess import load_image, preprocess, to_rgb
+from clipcli import scoring
+from clipcli.errors import InputError, OptionError, UsageError, os_reason
+from clipcli.index import FileRecord, Index, Variant, content_digest
+from clipcli.inputs import Failure
+from clipcli.preprocess import decode_image, preprocess, read_image_file
+from clipcli.resolve import DEFAULT_MODEL, ModelFiles, resolve
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+if TYPE_CHECKING:
+    from clipcli.loader import Clip
+
 DEFAULT_TEMPLATE = "a photo of a {}."
-
+DTYPES = ("auto", "fp32", "fp16", "bf16")
 Progress = Callable[[int], None]  # called with the number of inputs just finished
 
 
 @dataclass(frozen=True)
-class Failure:
-    """An input that could not be processed, and why (one short line)."""
+class Settings:
+    """How a run computes features: which model, where, in what precision, how images are decoded and batched."""
 
-    path: str
-    reason: str
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    fast_decode: bool = False
+    batch_size: int = 32
+    workers: int | None = None  # decoding threads; None: one per CPU core
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise OptionError("batch_size", self.batch_size, "must be at least 1", "use e.g. {option} 32")
+        if self.workers is not None and self.workers < 1:
+            raise OptionError("workers", self.workers, "must be at least 1", "omit {option} for one per core")
+        if self.dtype not in DTYPES:
+            raise OptionError("dtype", self.dtype, "unknown dtype", f"use {{option}} {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True)
-class Batch:
-    """Results for consecutive inputs: `rows` holds one float32 row per path (features or probabilities)."""
+class FeatureBatch:
+    """Consecutive inputs: `features` (B, D) float32 rows for `paths` (those that could be read), and the inputs of
+    the same stretch that failed. Raw projected features, or unit-length embeddings where a function says so."""
 
     paths: list[str]
-    rows: np.ndarray
+    features: np.ndarray
+    failures: list[Failure] = field(default_factory=list)
 
 
-def find_images(inputs: Sequence[str]) -> tuple[list[str], list[Failure]]:
-    """Files as given plus image files found under folders (recursively, hidden entries skipped), sorted.
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Consecutive inputs: (B, L) float32 label scores for `paths`, and the inputs of the same stretch that failed."""
 
-    Each real directory is visited once, so symlink loops end. A missing input is a UsageError."""
-    for name in inputs:
-        if not os.path.lexists(name):
-            raise UsageError(f"path '{name}' does not exist; pass image files or folders")
-    found: set[str] = set()
-    failures: list[Failure] = []
-    seen_dirs: set[tuple[int, int]] = set()
-    for name in inputs:
-        if os.path.isdir(name):
-            _walk(name, found, failures, seen_dirs)
-        else:
-            found.add(name)  # named explicitly: tried whatever its extension, so a bad file gets a reason
-    return sorted(found), sorted(failures, key=lambda f: f.path)
+    paths: list[str]
+    scores: np.ndarray
+    failures: list[Failure] = field(default_factory=list)
 
 
-def _walk(directory: str, found: set[str], failures: list[Failure], seen: set[tuple[int, int]]) -> None:
-    # Depth-first with an explicit stack, not recursion: a tree nested deeper than Python's recursion limit
-    # (a few thousand short folder names fit in a path) is walked like any other.
-    stack = [directory]
-    while stack:
-        folder = stack.pop()
-        try:
-            info = os.stat(folder)
-        except OSError as err:
-            failures.append(Failure(folder, _os_reason(err)))
-            continue
-        key = (info.st_dev, info.st_ino)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda e: e.name)
-        except OSError as err:
-            failures.append(Failure(folder, _os_reason(err)))
-            continue
-        subfolders = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
+@dataclass(frozen=True)
+class TextFeatures:
+    """(N, D) float32 features of `texts` and, per text, whether it was cut to the model's context length."""
+
+    texts: list[str]
+    features: np.ndarray
+    truncated: list[bool]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run needs to know of its model when the index answers everything: no weights, no torch."""
+
+    projection_dim: int
+    logit_scale: float  # exp of the parameter: the factor on cosines
+    context_length: int
+
+
+class Session:
+    """One run's model and index. Resolves the model's files and fingerprint without torch, loads the model only
+    when something must be computed, and reads and writes features through the index (None: no index)."""
+
+    def __init__(self, settings: Settings, index: Index | None = None) -> None:
+        self.settings = settings
+        self.index = index if index is not None and index.usable else None
+        self._files: ModelFiles | None = None
+        self._fingerprint: str | None = None
+        self._info: ModelInfo | None = None
+        self._clip: Clip | None = None
+        self._dtype: str | None = None
+        self._device_type: str | None = None
+        self.computed_images = 0  # images that went through the model in this session
+        self.computed_texts = 0
+
+    # ------------------------------------------------------------------------------------------ the model, lazily
+
+    @property
+    def files(self) -> ModelFiles:
+        if self._files is None:
+            self._files = resolve(self.settings.model)
+        return self._files
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The model's key in the index (None without a usable index)."""
+        if self.index is None or not self.index.usable:
+            return None
+        if self._fingerprint is None:
+            files = self.files
             try:
-                is_dir = entry.is_dir()  # follows symlinks: a linked folder is walked, a loop ends at `seen`
+                self._fingerprint = self.index.model_fingerprint(files)
             except OSError as err:
-                failures.append(Failure(entry.path, _os_reason(err)))
-                continue
-            if is_dir:
-                subfolders.append(entry.path)
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                if entry.is_symlink() and not os.path.exists(entry.path):
-                    failures.append(Failure(entry.path, "broken symbolic link"))
-                else:
-                    found.add(entry.path)
-        stack.extend(reversed(subfolders))  # visit in name order, as a recursive walk would
+                raise UsageError(f"cannot read the model files of '{files.spec}' ({os_reason(err)}); check "
+                                 "their permissions") from None
+        return self._fingerprint
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            recorded = self.index.model_info(self.fingerprint) if self.fingerprint and self.index else None
+            if recorded is not None and set(recorded) >= {"projection_dim", "logit_scale", "context_length"}:
+                self._info = ModelInfo(int(recorded["projection_dim"]), float(recorded["logit_scale"]),
+                                       int(recorded["context_length"]))
+            else:
+                self.clip  # loading records it  # noqa: B018
+        assert self._info is not None
+        return self._info
+
+    @property
+    def clip(self) -> Clip:
+        """The loaded model (loaded now if this is the first time it is needed)."""
+        if self._clip is None:
+            from clipcli.loader import load_files
+
+            clip = load_files(self.files, device=self.settings.device, dtype=self.settings.dtype)
+            self._device_type, self._dtype = clip.device.type, clip.dtype_name
+            self._info = ModelInfo(clip.config.projection_dim, clip.logit_scale,
+                                   clip.config.text.max_position_embeddings)
+            if self.index is not None and self.fingerprint is not None:
+                self.index.add_model(self.fingerprint, self.settings.model, {
+                    "projection_dim": self._info.projection_dim, "logit_scale": self._info.logit_scale,
+                    "context_length": self._info.context_length, "image_size": clip.config.vision.image_size,
+                    "source": clip.source})
+            self._clip = clip
+        return self._clip
+
+    def _resolve_device(self) -> None:
+        """Device type and dtype name of the run, importing torch only when the answer depends on it."""
+        if self._dtype is not None:
+            return
+        device, dtype = self.settings.device, self.settings.dtype
+        if device == "cpu" or (device == "auto" and not _maybe_cuda()):
+            if dtype in ("auto", "fp32"):
+                self._device_type, self._dtype = "cpu", "fp32"
+                return
+        from clipcli.loader import DTYPE_NAMES, resolve_device, resolve_dtype
+
+        target = resolve_device(device)
+        chosen = resolve_dtype(dtype, target)
+        self._device_type = target.type
+        self._dtype = next(name for name, value in DTYPE_NAMES.items() if value == chosen)
+
+    @property
+    def variant(self) -> Variant | None:
+        """The key of this run's image features in the index (None without an index)."""
+        if self.fingerprint is None:
+            return None
+        self._resolve_device()
+        assert self._dtype is not None
+        return Variant(self.fingerprint, self._dtype, self.settings.fast_decode)
+
+    # ------------------------------------------------------------------------------------------ texts
+
+    def text_features(self, texts: Sequence[str]) -> TextFeatures:
+        """Raw features of each text (no template), from the index where it has them."""
+        unique = list(dict.fromkeys(texts))
+        found = self.index.text_features(self.fingerprint, unique) if self.index and self.fingerprint else {}
+        missing = [text for text in unique if text not in found]
+        if missing:
+            clip = self.clip
+            features = clip.text_features(missing)
+            self.computed_texts += len(missing)
+            rows = [(text, row, clip.tokenizer.is_truncated(text)) for text, row in zip(missing, features)]
+            found.update({text: (row, truncated) for text, row, truncated in rows})
+            if self.index is not None and self.fingerprint is not None:
+                self.index.add_text_features(self.fingerprint, rows)
+        width = self.info.projection_dim
+        matrix = np.stack([found[t][0] for t in texts]) if texts else np.zeros((0, width), dtype=np.float32)
+        return TextFeatures(list(texts), matrix.astype(np.float32, copy=False), [found[t][1] for t in texts])
+
+    # ------------------------------------------------------------------------------------------ images
+
+    def image_features(self, paths: Sequence[str], progress: Progress | None = None) -> Iterator[FeatureBatch]:
+        """Batches of (B, D) float32 raw image features in `paths` order, failures in the batch they fall in.
+
+        Entries the index has (by path and stat, without reading the file; else by content) are not computed; the
+        rest are decoded by `workers` threads and run through the model in batches of exactly batch_size (the last
+        may be smaller), each batch stored as it completes. A batch is yielded as soon as it is complete."""
+        stored: dict[str, np.ndarray] = {}
+        known: dict[str, bytes] = {}
+        variant = self.variant
+        if self.index is not None and variant is not None:
+            states = []
+            for path in paths:
+                try:
+                    states.append((path, os.stat(path)))
+                except OSError:
+                    continue  # reported when it is read
+            known = self.index.known_digests(states)
+            found = self.index.image_features(variant, set(known.values()))
+            stored = {path: found[digest] for path, digest in known.items() if digest in found}
+        todo = [path for path in paths if path not in stored]
+        computed = self._computed(todo, known, variant)
+        ready: deque[tuple[str, np.ndarray | Failure]] = deque()
+        batch_paths: list[str] = []
+        rows: list[np.ndarray] = []
+        failures: list[Failure] = []
+
+        def flush() -> FeatureBatch:
+            done = len(batch_paths) + len(failures)
+            width = rows[0].shape[0] if rows else 0
+            batch = FeatureBatch(list(batch_paths), np.stack(rows) if rows else np.zeros((0, width), np.float32),
+                                 list(failures))
+            batch_paths.clear(), rows.clear(), failures.clear()
+            if progress is not None:
+                progress(done)
+            return batch
+
+        flush_at = max(self.settings.batch_size, 256)  # rows from the index come in larger batches
+        for path in paths:
+            if path in stored:
+                item: np.ndarray | Failure = stored[path]
+            else:
+                if not ready:
+                    if batch_paths or failures:  # hand over what is ready before waiting for the model
+                        yield flush()
+                    ready.extend(next(computed))
+                done_path, item = ready.popleft()
+                assert done_path == path
+            if isinstance(item, Failure):
+                failures.append(item)
+            else:
+                batch_paths.append(path)
+                rows.append(item)
+            if len(batch_paths) + len(failures) >= flush_at:
+                yield flush()
+        if batch_paths or failures:
+            yield flush()
+
+    def _computed(self, todo: list[str], known: dict[str, bytes], variant: Variant | None,
+                  ) -> Iterator[list[tuple[str, np.ndarray | Failure]]]:
+        """Features (or failures) for `todo`, in order, a stretch at a time; see image_features."""
+        settings = self.settings
+        pending: list[tuple[int, np.ndarray, bytes | None, FileRecord | None]] = []  # (slot, pixels, digest, memo)
+        results: list[tuple[str, np.ndarray | Failure | None]] = []  # None: waits for the model
+        released = 0
+
+        def run_model() -> None:
+            features = self.clip.image_features([pixels for _, pixels, _, _ in pending])
+            self.computed_images += len(pending)
+            for (slot, _, _, _), row in zip(pending, features):
+                results[slot] = (results[slot][0], row)
+            if self.index is not None and variant is not None:
+                self.index.add_image_features(
+                    variant, [(digest, row) for (_, _, digest, _), row in zip(pending, features) if digest],
+                    [memo for _, _, _, memo in pending if memo is not None])
+            pending.clear()
+
+        with ThreadPoolExecutor(max_workers=settings.workers or default_workers(),
+                                thread_name_prefix="clip-decode") as pool:
+            for chunk in self._prepared(pool, todo, known, variant):
+                memos = []
+                for path, item, digest, memo in chunk:
+                    if isinstance(item, _Pixels):
+                        pending.append((len(results), item.pixels, digest, memo))
+                        results.append((path, None))
+                        if len(pending) == settings.batch_size:
+                            run_model()
+                    else:
+                        results.append((path, item))
+                        if memo is not None and not isinstance(item, Failure):
+                            memos.append(memo)  # found by content: a moved or copied file
+                if memos and self.index is not None:
+                    self.index.remember_files(memos)
+                end = next((i for i in range(released, len(results)) if results[i][1] is None), len(results))
+                if end > released:
+                    yield [(p, r) for p, r in results[released:end]]  # type: ignore[misc]
+                    released = end
+            if pending:
+                run_model()
+            if len(results) > released:
+                yield [(p, r) for p, r in results[released:]]  # type: ignore[misc]
+
+    def _prepared(self, pool: ThreadPoolExecutor, todo: list[str], known: dict[str, bytes], variant: Variant | None,
+                  ) -> Iterator[list[tuple[str, np.ndarray | _Pixels | Failure, bytes | None, FileRecord | None]]]:
+        """Stretches of batch_size paths read, hashed, looked up and (the misses) decoded by the pool. On an
+        accelerator the next two stretches are prepared while the model runs; on CPU the model has every core, so
+        each stretch is prepared when it is needed (measured faster on 2 cores, benchmarks/README.md)."""
+        size = self.settings.batch_size
+        chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
+        self._resolve_device()
+        ahead = 0 if self._device_type == "cpu" else 2
+        if ahead == 0:
+            for chunk in chunks:
+                yield self._prepare(pool, chunk, known, variant)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-ahead") as background:
+            queued: deque[Future] = deque()
+            try:
+                for chunk in chunks:
+                    queued.append(background.submit(self._prepare, pool, chunk, known, variant))
+                    if len(queued) > ahead:
+                        yield queued.popleft().result()
+                while queued:
+                    yield queued.popleft().result()
+            finally:  # the caller stopped early: drop what has not started
+                for future in queued:
+                    future.cancel()
+
+    def _prepare(self, pool: ThreadPoolExecutor, chunk: list[str], known: dict[str, bytes], variant: Variant | None,
+                 ) -> list[tuple[str, np.ndarray | _Pixels | Failure, bytes | None, FileRecord | None]]:
+        hashing = self.index is not None and variant is not None
+        # Largest files first: the stretch is done when its slowest image is, so a big photo should not start last
+        # while the other threads idle (measured about 1.5% faster on mixed photo sizes).
+        order = sorted(range(len(chunk)), key=lambda i: _file_size(chunk[i]), reverse=True)
+        reads = {i: pool.submit(_read, chunk[i], hashing and chunk[i] not in known) for i in order}
+        items: list = []
+        for i, path in enumerate(chunk):
+            read = reads[i].result()
+            if isinstance(read, Failure):
+                items.append([path, read, None, None])
+            else:
+                data, digest, memo = read
+                items.append([path, data, digest or known.get(path), memo])
+        found = {}
+        if hashing and self.index is not None and variant is not None:
+            new = [item[2] for item in items if item[3] is not None]
+            found = self.index.image_features(variant, new) if new else {}
+        misses = [item for item in items if not isinstance(item[1], Failure) and item[2] not in found]
+        if misses:
+            config = self.clip.preprocess
+            draft = config.draft_size if self.settings.fast_decode else None
+            decoded = {id(item): pool.submit(_decode, item[1], config, draft) for item in sorted(
+                misses, key=lambda item: len(item[1]), reverse=True)}
+            for item in misses:
+                item[1] = decoded[id(item)].result()
+                if isinstance(item[1], str):
+                    item[1] = Failure(item[0], item[1])
+        for item in items:
+            if not isinstance(item[1], (Failure, _Pixels)):
+                item[1] = found[item[2]]
+        return [tuple(item) for item in items]  # type: ignore[misc]
 
 
-def _os_reason(err: OSError) -> str:
-    return err.strerror.lower() if err.strerror else type(err).__name__
+@dataclass(frozen=True)
+class _Pixels:
+    """A decoded image waiting for the model: (3, H, W) float32."""
+
+    pixels: np.ndarray
 
 
-# glibc's mallopt parameters, from malloc.h.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS; False if not glibc.
-
-    Every batch allocates and frees the same large buffers (decoded photos, (B, T, 4D) activations). By default
-    glibc maps many of them fresh and unmaps them on free, so each batch page-faults them in again: about 15% of
-    decode time and up to a fifth of model time on CPU (benchmarks/README.md). Process-wide, so it is for a
-    program to call once at start (the CLI), never at import. Peak memory is unchanged; freed memory stays with
-    the process for reuse until it exits."""
+def _read(path: str, hashing: bool) -> tuple[bytes, bytes | None, FileRecord | None] | Failure:
+    """The file's bytes, and when `hashing`, their digest and the stat memo entry to store."""
+    seen = time.time_ns()
+    state = None
+    if hashing:
+        try:
+            state = os.stat(path)  # before reading: a change made while reading shows in the next run's stat
+        except OSError:
+            pass  # read_image_file names the reason
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    # No mmap'd blocks, so large buffers come from the heap and are reused; trim the heap only past 1 GiB free.
-    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+        data = read_image_file(path)
+    except InputError as err:
+        return Failure(path, str(err))
+    if not hashing:
+        return data, None, None
+    digest = content_digest(data)
+    return data, digest, None if state is None else FileRecord(path, state, digest, seen)
+
+
+def _decode(data: bytes, config: object, draft: int | None) -> _Pixels | str:
+    try:
+        return _Pixels(preprocess(decode_image(data, draft), config))  # type: ignore[arg-type]
+    except InputError as err:
+        return str(err)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # reported when it is read
+        return 0
+
+
+def _maybe_cuda() -> bool:
+    """False when this machine certainly has no CUDA (or ROCm) GPU, found without importing torch."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")) or (
+        os.name == "nt")
 
 
 def default_workers() -> int:
-    """Decode threads when --workers is not given: one per CPU core this process may run on."""
+    """Decode threads when none are given: one per CPU core this process may run on."""
     try:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:  # not Linux
         return max(os.cpu_count() or 1, 1)
 
 
-def decode_ahead(device: torch.device) -> int:
-    """Batches decoded in the background while the model runs: 0 on CPU, 2 on an accelerator.
-
-    On CPU the model already uses every core, so decoding alongside it only makes the two fight for cores:
-    decoding each batch on all cores between model calls measured as fast or faster, holding half the decoded
-    images (benchmarks/README.md). A GPU computes while the CPU decodes, so there the next batches are prepared
-    during each model call."""
-    return 0 if device.type == "cpu" else 2
-
-
-def decode_chunks(
-    clip: Clip, paths: Sequence[str], chunk_size: int, workers: int | None = None, draft: bool = False,
-    ahead: int = 0,
-) -> Iterator[list[tuple[str, torch.Tensor | Failure]]]:
-    """Consecutive `chunk_size` slices of paths as lists of (path, (3, H, W) float32 pixels or Failure).
-
-    Each slice is decoded by `workers` threads at once; `ahead` further slices are decoded in the background
-    while the caller works on the current one, so at most (ahead + 1) * chunk_size decoded images are held."""
-    if chunk_size < 1 or ahead < 0:
-        raise UsageError(f"chunk size must be at least 1 and ahead at least 0, got {chunk_size} and {ahead}")
-    config = clip.preprocess
-    draft_size = config.draft_size if draft else None
-
-    def work(path: str) -> torch.Tensor | Failure:
-        try:
-            return preprocess(load_image(Path(path), draft_size=draft_size), config)
-        except InputError as err:
-            return Failure(path, str(err))
-
-    def submit_all(pool: ThreadPoolExecutor, chunk: Sequence[str]) -> list[tuple[str, Future]]:
-        # Largest files first: the slice is done when its slowest image is, so a big photo should not start last
-        # while the other threads idle (measured about 1.5% faster on mixed photo sizes).
-        futures = {index: pool.submit(work, chunk[index]) for index in sorted(
-            range(len(chunk)), key=lambda i: _file_size(chunk[i]), reverse=True)}
-        return [(path, futures[index]) for index, path in enumerate(chunk)]
-
-    with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="clip-decode") as pool:
-        pending: deque[list[tuple[str, Future]]] = deque()
-        try:
-            for start in range(0, len(paths), chunk_size):
-                pending.append(submit_all(pool, paths[start:start + chunk_size]))
-                if len(pending) > ahead:
-                    yield [(path, future.result()) for path, future in pending.popleft()]
-            while pending:
-                yield [(path, future.result()) for path, future in pending.popleft()]
-        finally:  # the caller stopped early: drop what has not started
-            for chunk in pending:
-                for _, future in chunk:
-                    future.cancel()
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:  # reported by load_image
-        return 0
-
-
-def image_features(
-    clip: Clip, paths: Sequence[str], batch_size: int = 32, workers: int | None = None, draft: bool = False,
-    on_failure: Callable[[Failure], None] | None = None, progress: Progress | None = None, *,
-    ahead: int | None = None,
-) -> Iterator[Batch]:
-    """Batches of raw projected image features, (B, D) float32, for the paths that decode; failures reported.
-
-    Every batch but the last holds exactly `batch_size` images. `ahead` batches are decoded during each model call
-    (default: decode_ahead(device)), so memory stays flat however many paths there are."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    names: list[str] = []
-    pixels: list[torch.Tensor] = []
-    ahead = decode_ahead(clip.device) if ahead is None else ahead
-    chunks = decode_chunks(clip, paths, batch_size, workers, draft, ahead=ahead)
-    for chunk in chunks:
-        for path, item in chunk:
-            if isinstance(item, Failure):
-                if on_failure:
-                    on_failure(item)
-                if progress:
-                    progress(1)
-                continue
-            names.append(path)
-            pixels.append(item)
-            if len(pixels) == batch_size:
-                yield Batch(names, _encode_pixels(clip, pixels))
-                if progress:
-                    progress(len(names))
-                names, pixels = [], []
-    if pixels:
-        yield Batch(names, _encode_pixels(clip, pixels))
-        if progress:
-            progress(len(names))
-
-
-def _encode_pixels(clip: Clip, pixels: list[torch.Tensor]) -> np.ndarray:
-    """Preprocessed (3, H, W) float32 images -> (B, D) float32 features, computed in clip.dtype."""
-    pinned = clip.device.type == "cuda"
-    # Stacked straight into page-locked memory on CUDA, so the copy to the GPU can run asynchronously.
-    batch = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.float32, pin_memory=pinned)  # (B, 3, H, W)
-    torch.stack(pixels, out=batch)
-    return pixel_features(clip, batch.to(device=clip.device, non_blocking=pinned))
-
-
-def pixel_features(clip: Clip, batch: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float32 pixels on clip.device -> (B, D) float32 features; the image tower runs in clip.dtype."""
-    with torch.inference_mode(), clip.image_precision():
-        return clip.model.encode_image(batch).float().cpu().numpy()
-
-
-def text_features(clip: Clip, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """(N, D) float32 raw projected text features, computed in float32 whatever clip.dtype (see
-    loader.place_model); each batch is padded to its longest text, not to 77."""
-    rows = []
-    for start in range(0, len(texts), batch_size):
-        ids = clip.tokenizer.encode(texts[start:start + batch_size]).to(clip.device)  # (B, T) int64
-        with torch.inference_mode():
-            rows.append(clip.model.encode_text(ids).float().cpu().numpy())
-    width = clip.config.projection_dim
-    return np.concatenate(rows) if rows else np.zeros((0, width), dtype=np.float32)
-
-
-def normalize(rows: np.ndarray) -> np.ndarray:
-    """L2-normalise each row (float32); an all-zero row stays zero."""
-    norms = np.linalg.norm(rows, axis=-1, keepdims=True)
-    return (rows / np.where(norms == 0, 1, norms)).astype(np.float32)
+# ---------------------------------------------------------------------------------------------- the commands' work
 
 
 def check_templates(templates: Sequence[str]) -> None:
     """UsageError unless there is at least one template and each has a {} where the label goes."""
     if not templates:
-        raise UsageError("no templates; pass --template 'a photo of a {}.' or omit it for the default")
+        raise OptionError("templates", None, "no templates", "pass {option} 'a photo of a {}.' or omit it for the default")
     for template in templates:
         if "{}" not in template:
-            raise UsageError(f"template '{template}' has no {{}} where the label goes; e.g. 'a photo of a {{}}.'")
+            raise OptionError("templates", template, "has no {} where the label goes",
+                              "e.g. {option} 'a photo of a {}.'")
 
 
-def label_embeddings(clip: Clip, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    """(L, D) float32 unit vectors: per label, the mean of its normalised template embeddings, re-normalised."""
+def check_labels(labels: Sequence[str]) -> None:
+    """UsageError unless there is at least one label and none is given twice."""
     if not labels:
-        raise UsageError("no labels; pass --labels cat,dog or --labels-file FILE")
+        raise OptionError("labels", None, "no labels", "pass {option} cat,dog,car")
+    seen: set[str] = set()
+    for label in labels:
+        if label in seen:
+            raise OptionError("labels", label, "is given twice", "list each label once")
+        seen.add(label)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """(L, D) float32 unit label embeddings (template ensembles) and the labels a template cut to the context."""
+
+    labels: list[str]
+    embeddings: np.ndarray
+    truncated: list[str]
+
+
+def label_embeddings(session: Session, labels: Sequence[str], templates: Sequence[str]) -> Labels:
+    """Each label's embedding: the mean of its normalised template embeddings, re-normalised."""
+    check_labels(labels)
     check_templates(templates)
     prompts = [template.replace("{}", label) for label in labels for template in templates]
-    features = normalize(text_features(clip, prompts)).reshape(len(labels), len(templates), -1)
-    return normalize(features.mean(axis=1))
+    text = session.text_features(prompts)
+    cut = {label for label, truncated in zip((l for l in labels for _ in templates), text.truncated) if truncated}
+    return Labels(list(labels), scoring.ensemble(text.features, len(labels), len(templates)),
+                  [label for label in labels if label in cut])
 
 
-def scores(clip: Clip, image_rows: np.ndarray, label_rows: np.ndarray) -> np.ndarray:
-    """(N, L) float32 probabilities: softmax over labels of logit_scale.exp() * cosine, as logits_per_image."""
-    scale = float(clip.model.logit_scale.float().exp())
-    logits = torch.from_numpy(normalize(image_rows) @ label_rows.T) * scale
-    return logits.softmax(dim=-1).numpy()
+def classify(session: Session, paths: Sequence[str], labels: Labels, progress: Progress | None = None,
+             ) -> Iterator[ScoreBatch]:
+    """Batches of (B, L) label probabilities (softmax of logit_scale * cosine) in `paths` order."""
+    for batch in session.image_features(paths, progress):
+        yield ScoreBatch(batch.paths, scoring.probabilities(batch.features, labels.embeddings,
+                                                            session.info.logit_scale), batch.failures)
 
 
-def classify(
-    clip: Clip, paths: Sequence[str], labels: Sequence[str], templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-    batch_size: int = 32, workers: int | None = None, draft: bool = False,
-    on_failure: Callable[[Failure], None] | None = None, progress: Progress | None = None,
-) -> Iterator[Batch]:
-    """Batches of (B, L) label probabilities for the images that decode, in input order."""
-    label_rows = label_embeddings(clip, labels, templates)  # encoded once per run
-    for batch in image_features(clip, paths, batch_size, workers, draft, on_failure, progress):
-        yield Batch(batch.paths, scores(clip, batch.rows, label_rows))
+def embed_images(session: Session, paths: Sequence[str], *, normalized: bool = True,
+                 progress: Progress | None = None) -> Iterator[FeatureBatch]:
+    """Batches of (B, D) float32 image embeddings (unit rows; raw features when not `normalized`)."""
+    for batch in session.image_features(paths, progress):
+        yield FeatureBatch(batch.paths, scoring.normalize(batch.features) if normalized else batch.features,
+                           batch.failures)
 
 
-def embed_images(
-    clip: Clip, paths: Sequence[str], normalized: bool = True, batch_size: int = 32, workers: int | None = None,
-    draft: bool = False, on_failure: Callable[[Failure], None] | None = None, progress: Progress | None = None,
-) -> Iterator[Batch]:
-    """Batches of (B, D) float32 image embeddings, L2-normalised unless `normalized` is False."""
-    for batch in image_features(clip, paths, batch_size, workers, draft, on_failure, progress):
-        yield Batch(batch.paths, normalize(batch.rows) if normalized else batch.rows)
+def embed_texts(session: Session, texts: Sequence[str], *, normalized: bool = True) -> TextFeatures:
+    """(N, D) float32 text embeddings, no template (unit rows; raw features when not `normalized`)."""
+    text = session.text_features(texts)
+    if normalized:
+        return TextFeatures(text.texts, scoring.normalize(text.features), text.truncated)
+    return text
 
 
-def embed_texts(clip: Clip, texts: Sequence[str], normalized: bool = True, batch_size: int = 256) -> Iterable[Batch]:
-    """One batch of (N, D) float32 text embeddings (no template), L2-normalised unless `normalized` is False."""
-    rows = text_features(clip, texts, batch_size)
-    return [Batch(list(texts), normalize(rows) if normalized else rows)]
+@dataclass(frozen=True)
+class IndexCounts:
+    """What `clip index PATH` did: paths seen for the first time, paths whose content changed since they were last
+    indexed, paths already indexed as they are, and the inputs that failed."""
+
+    new: int
+    updated: int
+    unchanged: int
+    failures: list[Failure]
 
 
-def encode_images(clip: Clip, images: Sequence[str | Path | Image.Image], normalized: bool = True,
-                  batch_size: int = 32) -> np.ndarray:
-    """Scripting API: image paths or PIL images -> (N, D) float32 embeddings; an unreadable file raises InputError."""
-    def pixels(item: str | Path | Image.Image) -> torch.Tensor:
-        image = item if isinstance(item, Image.Image) else load_image(Path(item))
-        return preprocess(to_rgb(image), clip.preprocess)
+def index_images(session: Session, paths: Sequence[str], progress: Progress | None = None) -> IndexCounts:
+    """Make sure the index holds every image's features for the session's model; count what that took."""
+    if session.index is None or session.variant is None:
+        raise UsageError("the index cannot be used (see the warning above); nothing was indexed")
+    states = []
+    for path in paths:
+        try:
+            states.append((path, os.stat(path)))
+        except OSError:
+            continue
+    before = session.index.file_entries(states)
+    present = session.index.image_features(session.variant, {digest for digest, _ in before.values()})
+    done: list[str] = []
+    failures: list[Failure] = []
+    for batch in session.image_features(paths, progress):
+        done.extend(batch.paths)
+        failures.extend(batch.failures)
+    after = session.index.file_entries([(path, state) for path, state in states if path in before])
+    updated = kept = 0
+    for path in done:
+        if path in before and path in after:
+            if after[path][0] != before[path][0]:
+                updated += 1
+            elif before[path][0] in present:
+                kept += 1
+    return IndexCounts(len(done) - updated - kept, updated, kept, failures)
 
-    rows = [_encode_pixels(clip, [pixels(i) for i in images[start:start + batch_size]])
-            for start in range(0, len(images), batch_size)]
-    features = np.concatenate(rows) if rows else np.zeros((0, clip.config.projection_dim), dtype=np.float32)
-    return normalize(features) if normalized else features
 
-
-def encode_texts(clip: Clip, texts: Sequence[str], normalized: bool = True) -> np.ndarray:
-    """Scripting API: texts -> (N, D) float32 embeddings (no template)."""
-    features = text_features(clip, texts)
-    return normalize(features) if normalized else features
-
-
-def zero_shot(clip: Clip, images: Sequence[str | Path | Image.Image], labels: Sequence[str],
-              templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> np.ndarray:
-    """Scripting API: (N, L) float32 label probabilities for images (paths or PIL images)."""
-    return scores(clip, encode_images(clip, images, normalized=False), label_embeddings(clip, labels, templates))
+__all__ = ["DEFAULT_TEMPLATE", "FeatureBatch", "IndexCounts", "Labels", "ScoreBatch", "Session", "Settings",
+           "TextFeatures", "classify", "embed_images", "embed_texts", "index_images", "label_embeddings"]

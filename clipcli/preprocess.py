@@ -1,7 +1,6 @@
-"""Image files -> RGB PIL images -> normalized (3, H, W) float32 tensors, matching transformers' CLIPImageProcessorPil.
-
-Owns image decoding errors (as InputError) and preprocessor_config.json; knows nothing of models or batching.
-"""
+"""Image files -> bytes -> RGB PIL images -> normalized (3, H, W) float32 arrays, matching transformers'
+CLIPImageProcessorPil. Owns image reading and decoding errors (as InputError) and preprocessor_config.json; knows
+nothing of models or batching, and imports no torch."""
 
 from __future__ import annotations
 
@@ -15,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import io
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from clipcli.errors import InputError, UsageError, os_reason
@@ -283,8 +283,8 @@ def _normalize_table(config: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(table, dtype=np.float32)
 
 
-def preprocess(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
-    """PIL image -> (3, H, W) float32 tensor; H, W = crop size (resized size when do_center_crop is false)."""
+def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """PIL image -> (3, H, W) float32 array; H, W = crop size (resized size when do_center_crop is false)."""
     # do_convert_rgb=false only skips the reference's transparency compositing for RGB; other modes must become
     # RGB anyway (where the reference would fail on a channel count that is not 3).
     if config.do_convert_rgb or image.mode != "RGB":
@@ -312,14 +312,16 @@ def preprocess(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
     out = np.empty((3, pixels.shape[0], pixels.shape[1]), dtype=np.float32)
     for channel in range(3):
         np.take(table[channel], pixels[:, :, channel], out=out[channel])
-    return torch.from_numpy(out)
+    return out
 
 
 def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
     """Decode an image file to an "RGB" PIL image: EXIF-transposed, first frame; raises InputError(reason)."""
-    if draft_size is not None:
-        if isinstance(draft_size, bool) or not isinstance(draft_size, int) or draft_size <= 0:
-            raise UsageError(f"draft_size must be a positive integer, got {draft_size!r}; pass e.g. 224 or None")
+    return decode_image(read_image_file(path), draft_size)
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of an image file; InputError naming why not (missing, unreadable, a folder, empty, ...)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -336,13 +338,24 @@ def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
     if info.st_size == 0:
         raise InputError("empty file")
     try:
-        file = open(path, "rb")  # noqa: SIM115  # closed by the with below
+        with open(path, "rb") as file:
+            return file.read()
     except PermissionError:
         raise InputError("permission denied") from None
     except OSError as exc:
         raise InputError(os_reason(exc)) from exc
-    with file:
-        return _decode(file, draft_size)
+
+
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """An image file's bytes -> "RGB" PIL image: EXIF-transposed, first frame; raises InputError(reason).
+
+    `draft_size` (fast decode) lets JPEGs decode at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_size."""
+    if draft_size is not None:
+        if isinstance(draft_size, bool) or not isinstance(draft_size, int) or draft_size <= 0:
+            raise UsageError(f"draft_size must be a positive integer, got {draft_size!r}; pass e.g. 224 or None")
+    if not data:
+        raise InputError("empty file")
+    return _decode(io.BytesIO(data), draft_size)
 
 
 def _decode(file: Any, draft_size: int | None) -> Image.Image:

@@ -50,6 +50,26 @@ def resolve(spec: str, offline: bool = False) -> ModelFiles:
     return ModelFiles(spec, _hub_snapshot(spec, offline), None)
 
 
+def weights_file(files: ModelFiles) -> Path:
+    """The checkpoint file itself, or the directory's weights file (the first of WEIGHT_FILES it has)."""
+    if files.directory is None:
+        assert files.checkpoint is not None
+        return files.checkpoint
+    return next(files.directory / n for n in WEIGHT_FILES if (files.directory / n).is_file())
+
+
+def model_file_roles(files: ModelFiles) -> list[tuple[str, Path]]:
+    """(role, path) of every file that decides what the model computes: weights (and shards), config, tokenizer,
+    preprocessing. A model's identity for the embedding index is the content of these."""
+    weights = weights_file(files)
+    roles = [("weights", weights)]
+    roles += [(f"shard {name}", weights.parent / name) for name in sorted(set(shard_map(weights).values()))]
+    if files.directory is not None:
+        roles += [(name, files.directory / name) for name in ("config.json", *OPTIONAL_FILES)
+                  if (files.directory / name).is_file()]
+    return roles
+
+
 def _check_directory(directory: Path) -> Path:
     if not (directory / "config.json").is_file():
         raise UsageError(f"model directory '{directory}' has no config.json; pass a Hugging Face CLIP directory "

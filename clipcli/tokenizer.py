@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import gzip
 import json
-import os
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -19,6 +18,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 
 from clipcli.errors import UsageError
+from clipcli.fsutil import atomic_file, read_json
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -66,14 +66,6 @@ def _read_text(path: Path) -> str:
         raise UsageError(f"cannot read {path}: {error}; {_REFETCH}") from None
 
 
-def _read_json(path: Path) -> object:
-    """A JSON file's value, or UsageError naming the file."""
-    try:
-        return json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{path}: not valid JSON ({error}); {_REFETCH}") from None
-
-
 def _parse_merges(lines: Sequence[object], source: Path) -> list[tuple[str, str]]:
     """Merges as "a b" strings (merges.txt, older tokenizer.json) or [a, b] pairs (newer tokenizer.json)."""
     pairs = [line.split(" ") if isinstance(line, str) else line for line in lines]
@@ -88,7 +80,7 @@ def _read_vocab_and_merges(directory: Path) -> tuple[dict[str, int], list[tuple[
     if (directory / "tokenizer.json").is_file():
         # Only the BPE tables are taken; the pipeline, padding and truncation are ours, as transformers 5 does.
         source = directory / "tokenizer.json"
-        model = _read_json(source)
+        model = read_json(source, _REFETCH)
         model = model.get("model") if isinstance(model, dict) else None
         if not (isinstance(model, dict) and model.get("type") == "BPE" and isinstance(model.get("vocab"), dict)
                 and isinstance(model.get("merges"), list)):
@@ -100,7 +92,7 @@ def _read_vocab_and_merges(directory: Path) -> tuple[dict[str, int], list[tuple[
                          "use a checkpoint directory that has them")
     lines = _read_text(merges_file).splitlines()
     lines = lines[1:] if lines and lines[0].startswith("#version") else lines  # only this header, as `tokenizers`
-    return _read_json(source), _parse_merges([line for line in lines if line], merges_file), source
+    return read_json(source, _REFETCH), _parse_merges([line for line in lines if line], merges_file), source
 
 
 class ClipTokenizer:
@@ -128,7 +120,7 @@ class ClipTokenizer:
         vocab, merges, source = _read_vocab_and_merges(directory)
         pad_token = EOS  # transformers' default; openai/clip-* configs say the same, LAION ones say "!"
         if (directory / "tokenizer_config.json").is_file():
-            config = _read_json(directory / "tokenizer_config.json")
+            config = read_json(directory / "tokenizer_config.json", _REFETCH)
             pad = config.get("pad_token") if isinstance(config, dict) else None
             pad = pad.get("content") if isinstance(pad, dict) else pad  # older files store an AddedToken dict
             pad_token = pad if isinstance(pad, str) else EOS
@@ -182,6 +174,5 @@ class ClipTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         for name, text in (("tokenizer.json", backend.to_str(pretty=True)),
                            ("tokenizer_config.json", json.dumps(config, indent=2) + "\n")):
-            temporary = directory / f".{name}.tmp"  # write then rename, so a crash never leaves half a file
-            temporary.write_text(text, encoding="utf-8")
-            os.replace(temporary, directory / name)
+            with atomic_file(directory / name) as handle:  # a crash never leaves half a file
+                handle.write(text)

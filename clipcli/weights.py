@@ -7,8 +7,6 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,7 +14,8 @@ from pathlib import Path
 import torch
 
 from clipcli.config import CLIPConfig
-from clipcli.errors import UsageError, os_reason
+from clipcli.errors import OptionError, UsageError, one_line, os_reason
+from clipcli.fsutil import atomic_directory, umask
 from clipcli.model import CLIPModel
 
 # The only keys dropped by name before a strict load: buffers that older transformers checkpoints
@@ -67,7 +66,7 @@ def read_state_dict(path: Path) -> StateDict:
     except UsageError:
         raise
     except Exception as err:  # torch/safetensors raise many types for damaged files
-        raise UsageError(f"{path}: cannot read checkpoint ({_one_line(err)}); the file is damaged, truncated "
+        raise UsageError(f"{path}: cannot read checkpoint ({one_line(err)}); the file is damaged, truncated "
                          "or not a checkpoint") from None
     return _unwrap(data, path)
 
@@ -78,7 +77,7 @@ def _unpickling_reason(err: pickle.UnpicklingError) -> str:
     if found:
         return f"it would load {found[1]}"
     detail = re.search(r"WeightsUnpickler error:\s*(\S.*?)(?:\n\n|$)", str(err), re.DOTALL)
-    return " ".join(detail[1].split())[:120] if detail else _one_line(err)
+    return " ".join(detail[1].split())[:120] if detail else one_line(err)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -253,69 +252,34 @@ def _check_destination(destination: Path, force: bool) -> None:
     if not destination.is_dir() or not any(destination.iterdir()):
         return
     if not force:
-        raise UsageError(f"{destination} is not empty; choose an empty destination or pass --force to replace it")
-    # --force deletes the old directory: only ever one that holds a model, never e.g. a home folder given by mistake.
+        raise OptionError("force", None, f"{destination} is not empty",
+                          "choose an empty destination or pass {option} to replace it")
+    # force deletes the old directory: only ever one that holds a model, never e.g. a home folder given by mistake.
     if not (destination / "config.json").is_file():
-        raise UsageError(f"{destination} is not empty and holds no config.json, so it is not a model directory that "
-                         "--force may replace; choose another destination or empty it yourself")
+        raise OptionError("force", None, f"{destination} is not empty and holds no config.json, so it is not a model "
+                          "directory", "{option} replaces only model directories; choose another destination or "
+                          "empty it yourself")
 
 
 def write_hf_directory(
     destination: Path, config: CLIPConfig, state: Mapping[str, torch.Tensor], dtype: torch.dtype,
     extra_files: Callable[[Path], None], force: bool = False,
 ) -> None:
-    """Write config.json + model.safetensors (+ whatever extra_files writes) into a temp dir beside `destination`,
-    then rename it into place, so a failure leaves `destination` as it was and no temp dir behind; UsageError when
-    it cannot be written."""
+    """Write config.json + model.safetensors (+ whatever extra_files writes) atomically into `destination` (see
+    fsutil.atomic_directory), so a failure leaves it as it was; UsageError when it cannot be written."""
+    from safetensors.torch import save_file
+
     # Through symlinks to the real folder, so a link to a folder is written through rather than renamed over.
     destination = Path(os.path.realpath(destination))
     check_destination(destination, force)
     try:
-        _write_staged(destination, config, state, dtype, extra_files)
+        with atomic_directory(destination) as staging:
+            tensors = {k: v.detach().to(dtype=dtype).contiguous() for k, v in state.items()
+                       if k not in DROPPED_HF_KEYS}
+            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+            os.chmod(staging / "model.safetensors", 0o666 & ~umask())  # as the other files: readable by others
+            text = json.dumps({**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2)
+            (staging / "config.json").write_text(text + "\n", encoding="utf-8")
+            extra_files(staging)
     except OSError as err:
         raise UsageError(f"cannot write {destination}: {os_reason(err)}; choose another destination") from None
-
-
-def _write_staged(destination: Path, config: CLIPConfig, state: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                  extra_files: Callable[[Path], None]) -> None:
-    from safetensors.torch import save_file
-
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
-    try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700); give it what mkdir would
-        tensors = {k: v.detach().to(dtype=dtype).contiguous() for k, v in state.items() if k not in DROPPED_HF_KEYS}
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        os.chmod(staging / "model.safetensors", 0o666 & ~_umask())  # as the other files: readable by others
-        text = json.dumps({**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2)
-        (staging / "config.json").write_text(text + "\n", encoding="utf-8")
-        extra_files(staging)
-        if destination.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside, then delete it.
-            old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
-            os.replace(destination, old)
-            try:
-                os.replace(staging, destination)
-            except BaseException:
-                os.replace(old, destination)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)  # the only way to read it is to set it
-    os.umask(umask)
-    return umask
-
-
-def _one_line(err: BaseException) -> str:
-    """The first sentence of an exception's message, on one line, with its type when the message alone is cryptic."""
-    text = " ".join(str(err).split())
-    text = text.split(". ")[0]
-    text = (text[:140] + "…") if len(text) > 140 else text
-    return text if len(text) > 12 else f"{type(err).__name__}: {text}".rstrip(": ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "openai-small"
 
-# Tests never reach the network or the user's Hugging Face cache.
+# Tests never reach the network, the user's Hugging Face cache or the user's embedding index.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["CLIP_INDEX"] = os.path.join(tempfile.mkdtemp(prefix="clipcli-tests-"), "index.db")
 
 TINY = dict(
     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

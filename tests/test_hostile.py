@@ -285,10 +285,10 @@ def test_unreadable_folder_is_named(tiny_model_dir, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def loaded_once(tiny_model_dir):
     """Load the tiny model once for the property tests (they are about inputs, not loading)."""
-    from clipcli import cli
+    from clipcli import loader
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "_load", functools.cache(cli._load))
+        patch.setattr(loader, "load_files", functools.cache(loader.load_files))
         yield tiny_model_dir
 
 

@@ -222,8 +222,8 @@ def test_error_no_tokenizer_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content, fragment", [
-    ("{not json", "not valid JSON"),
-    ("", "not valid JSON"),
+    ("{not json", "invalid JSON"),
+    ("", "invalid JSON"),
     ('["a list"]', "not a BPE tokenizer"),
     ('{"model": {"type": "WordPiece", "vocab": {}}}', "not a BPE tokenizer"),
     ('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}', "<|startoftext|>"),

@@ -1,0 +1,173 @@
+"""Process plumbing for the `clip` program: exit codes, signals, stderr messages, stdout writing, and process-wide
+settings. Errors become one line and an exit code here; commands in cli.py never see signals or broken pipes."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import typer
+from typer import _click as click
+from typer.core import TyperGroup
+
+from clipcli.errors import InputError, OptionError, UsageError
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143
+
+# The flag behind each library parameter name, for OptionError messages.
+FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch-size", "workers": "--workers",
+         "hidden_act": "--activation", "force": "--force", "labels": "--labels", "templates": "--template",
+         "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k"}
+
+
+def eprint(message: str) -> None:
+    """One line on stderr: control characters and line breaks in it escaped, so a file name cannot split it."""
+    from clipcli.output import display_line
+
+    print(display_line(message), file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """A `warning: ...` line on stderr."""
+    eprint(f"warning: {message}")
+
+
+class OneLineErrors(TyperGroup):
+    """Command-line parsing errors (unknown option, missing argument, invalid value) as one 'error: ...' line with
+    exit 2, like every other usage error, instead of click's usage text, hint and 'Error:' line."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:  # bare `clip`: the help, as before
+            err.show()
+            sys.exit(err.exit_code)
+        except click.exceptions.UsageError as err:
+            where = f"; see '{err.ctx.command_path} --help'" if err.ctx is not None else ""
+            eprint(f"error: {' '.join(err.format_message().split()).rstrip('.')}{where}")
+            sys.exit(err.exit_code)
+        except click.exceptions.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            eprint("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like KeyboardInterrupt so temp files are cleaned up, then exit 143."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    # From the first SIGINT or SIGTERM on, both are ignored: a second Ctrl-C must not cut short the cleanup of temp
+    # files that the first one started (or turn it into a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM unwind the command (temp files removed), then exit 130 / 143."""
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+
+def error_message(err: UsageError) -> str:
+    """The one stderr line of a usage error, in flag wording."""
+    if isinstance(err, OptionError):
+        return f"error: {err.worded(FLAGS.get(err.name, err.name))}"
+    return f"error: {err}"
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Run a command: UsageError -> 'error: ...' + exit 2, an InputError that escapes -> its line + exit 1, Ctrl-C ->
+    130, SIGTERM -> 143, output pipe closed by its reader -> 141 without a message; library warnings silenced."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        debug = bool(kwargs.get("debug"))
+        try:
+            with warnings.catch_warnings():
+                if not debug:
+                    warnings.simplefilter("ignore")
+                command(*args, **kwargs)
+        except UsageError as err:
+            if debug:
+                raise
+            eprint(error_message(err))
+            raise typer.Exit(EXIT_USAGE) from None
+        except InputError as err:
+            eprint(f"error: {err}")
+            raise typer.Exit(EXIT_SOME_FAILED) from None
+        except KeyboardInterrupt:
+            eprint("interrupted; no output was written")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Terminated:
+            eprint("terminated; no output was written")
+            raise typer.Exit(EXIT_TERMINATED) from None
+        except BrokenPipeError:
+            # The reader of our output went away (`clip ... | head`): stop quietly with 128 + SIGPIPE, as a shell
+            # tool killed by SIGPIPE would, and point stdout at /dev/null so the flush at exit cannot fail again.
+            silence_stdout()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+
+    return wrapper
+
+
+def write_stdout(text: str) -> None:
+    """All of `text` to stdout, flushed. An unbuffered stdout (python -u, PYTHONUNBUFFERED) takes one write() call
+    per write, which a pipe may only partly accept (its reader quit mid-way): loop until all is written or the
+    reader's departure raises BrokenPipeError, instead of dropping the rest silently."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    rest = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+    while rest:
+        written = buffer.write(rest)
+        rest = rest[written or 0:]
+    buffer.flush()
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null (its reader is gone)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (e.g. captured by a test runner): nothing to flush there
+        pass
+
+
+# glibc's mallopt parameters, from malloc.h.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS; False if not glibc.
+
+    Every batch allocates and frees the same large buffers (decoded photos, (B, T, 4D) activations). By default
+    glibc maps many of them fresh and unmaps them on free, so each batch page-faults them in again: about 15% of
+    decode time and up to a fifth of model time on CPU (benchmarks/README.md). Process-wide, so it is for a
+    program to call once at start (the CLI), never at import. Peak memory is unchanged; freed memory stays with
+    the process for reuse until it exits."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    # No mmap'd blocks, so large buffers come from the heap and are reused; trim the heap only past 1 GiB free.
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1

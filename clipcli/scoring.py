@@ -1,0 +1,35 @@
+"""Scores from features, in numpy alone (a run answered from the index imports no torch): L2 normalisation, the
+template ensemble of label embeddings, label probabilities as CLIPModel's logits_per_image.softmax(-1), and cosines.
+
+Vocabulary: *features* are a tower's raw projected outputs; *embeddings* are features scaled to unit length."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def normalize(features: np.ndarray) -> np.ndarray:
+    """(N, D) features -> (N, D) float32 embeddings (unit rows); an all-zero row stays zero."""
+    norms = np.linalg.norm(features, axis=-1, keepdims=True)
+    return (features / np.where(norms == 0, 1, norms)).astype(np.float32)
+
+
+def ensemble(prompt_features: np.ndarray, labels: int, templates: int) -> np.ndarray:
+    """(labels * templates, D) prompt features, label-major -> (labels, D) label embeddings: per label the mean of
+    its normalised template embeddings, re-normalised (the CLIP paper's prompt ensembling)."""
+    per_label = normalize(prompt_features).reshape(labels, templates, -1)
+    return normalize(per_label.mean(axis=1))
+
+
+def cosines(image_features: np.ndarray, label_embeddings: np.ndarray) -> np.ndarray:
+    """(N, D) image features and (L, D) label embeddings -> (N, L) float32 cosine similarities."""
+    return (normalize(image_features) @ label_embeddings.T).astype(np.float32)
+
+
+def probabilities(image_features: np.ndarray, label_embeddings: np.ndarray, logit_scale: float) -> np.ndarray:
+    """(N, L) float32: softmax over labels of logit_scale * cosine, as CLIPModel's logits_per_image.softmax(-1);
+    `logit_scale` is the factor itself (exp of the model's parameter)."""
+    logits = cosines(image_features, label_embeddings) * np.float32(logit_scale)
+    logits -= logits.max(axis=-1, keepdims=True)
+    odds = np.exp(logits)
+    return (odds / odds.sum(axis=-1, keepdims=True)).astype(np.float32)
