@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random-weight CLIP checkpoints written by transformers, and the OpenAI-format fixture."""
+"""Shared fixtures: tiny random-weight CLIP checkpoints written by transformers, and the OpenAI-format fixture.
+
+FIXTURE (tests/fixtures/openai-small/) is a small OpenAI-format CLIP archive with random weights made by open_clip, an
+implementation we did not write, with open_clip's outputs for its images and texts. tests/make_openai_fixture.py made
+it once, in a throwaway environment; the files are committed and the tests only read them.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "openai-small"
+FIXTURE = REPO / "tests" / "fixtures" / "openai-small"
 
 # Tests never reach the network, the user's Hugging Face cache or the user's embedding index.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,8 @@
 """`clip convert-weights` and OpenAI/OpenCLIP checkpoints.
 
-The openai-small fixture (made by open_clip, an implementation we did not write) is converted from each form a user
+The openai-small fixture is committed in tests/fixtures/openai-small/: a small OpenAI-format CLIP TorchScript archive
+with random weights (fp16 where OpenAI's files are), its images, and open_clip's outputs for them — made once by
+tests/make_openai_fixture.py with open_clip, an implementation we did not write. It is converted from each form a user
 may have it in — TorchScript archive, plain state dict, wrapped {"state_dict": {"module.*"}} dict, safetensors — and
 must give open_clip's outputs in clipcli and in transformers. Random transformers checkpoints survive
 HF -> OpenAI -> HF. Then dtypes, --force, atomic writes, --activation, malformed inputs, config inference, `clip info`.
@@ -26,11 +28,12 @@ from clipcli.errors import UsageError
 from clipcli.loader import Clip, convert, load
 from clipcli.preprocess import PreprocessConfig, load_image, preprocess
 from clipcli.weights import IGNORED_OPENAI_KEYS, build_model, hf_to_openai, openai_to_hf, read_state_dict
-from tests.conftest import assert_usage_error, make_hf_checkpoint
+from tests.conftest import FIXTURE, assert_usage_error, make_hf_checkpoint
 
-FIXTURE = Path(__file__).parents[1].parent / "shared" / "fixtures" / "openai-small"
 JIT = FIXTURE / "openai-small.jit.pt"
-needs_fixture = pytest.mark.skipif(not JIT.is_file(), reason=f"openai-small fixture not found at {FIXTURE}")
+# The fixture's architecture (expected.json; checked against the archive's shapes below): only shapes carry it.
+VISION_WIDTH, VISION_LAYERS, PATCH, IMAGE = 64, 3, 8, 32
+TEXT_WIDTH, TEXT_LAYERS, EMBED_DIM = 16, 2, 24
 
 COSINE = 0.99999  # per row, fp32 against open_clip's fp32 outputs from the same fp16-stored weights
 PROB_ATOL = 1e-4
@@ -101,15 +104,13 @@ def siblings(path: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def expected() -> dict:
     """open_clip's outputs (expected.npz) plus expected.json (image order, texts, labels, template)."""
-    if not JIT.is_file():
-        pytest.skip(f"openai-small fixture not found at {FIXTURE}")
     data = dict(np.load(FIXTURE / "expected.npz"))
     meta = json.loads((FIXTURE / "expected.json").read_text(encoding="utf-8"))
     return {**data, **meta, "paths": [FIXTURE / "images" / name for name in meta["images"]]}
 
 
 @pytest.fixture(scope="module")
-def fixture_state(expected: dict) -> dict[str, torch.Tensor]:
+def fixture_state() -> dict[str, torch.Tensor]:
     """The archive's state dict as torch itself reads it (not through our reader)."""
     return dict(torch.jit.load(str(JIT), map_location="cpu").state_dict())
 
@@ -140,22 +141,22 @@ def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 # ------------------------------------------------------------------------------ the fixture against open_clip
 
 
-@needs_fixture
 def test_preprocessing_gives_the_fixture_pixels(expected: dict) -> None:
     pixels = np.stack([preprocess(load_image(p), PreprocessConfig.for_image_size(32)).numpy()
                        for p in expected["paths"]])
     np.testing.assert_allclose(pixels, expected["pixel_values"], rtol=0, atol=1e-6)
 
 
-@needs_fixture
 def test_config_inferred_from_fixture_shapes(fixture_state: dict, expected: dict) -> None:
     config = CLIPConfig.from_state_dict_shapes(shapes(fixture_state))
     vision, text, arch = config.vision, config.text, expected["architecture"]
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (192, 3, 3)
-    assert (vision.patch_size, vision.image_size, vision.intermediate_size) == (8, 32, 4 * 192)
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (128, 2, 2)
-    assert (text.max_position_embeddings, text.vocab_size, text.intermediate_size) == (77, 49408, 4 * 128)
-    assert config.projection_dim == 80 == arch["embed_dim"]
+    assert (vision.hidden_size, vision.num_hidden_layers) == (VISION_WIDTH, VISION_LAYERS)
+    assert (vision.patch_size, vision.image_size, vision.intermediate_size) == (PATCH, IMAGE, 4 * VISION_WIDTH)
+    assert (text.hidden_size, text.num_hidden_layers) == (TEXT_WIDTH, TEXT_LAYERS)
+    # One head per tower: what OpenAI's rule (width // 64, at least one) infers, and what open_clip was built with.
+    assert vision.num_attention_heads == text.num_attention_heads == 1
+    assert (text.max_position_embeddings, text.vocab_size, text.intermediate_size) == (77, 49408, 4 * TEXT_WIDTH)
+    assert config.projection_dim == EMBED_DIM == arch["embed_dim"]
     assert vision.hidden_act == text.hidden_act == arch["activation"] == "quick_gelu"
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.patch_size) == (
         arch["vision"]["width"], arch["vision"]["layers"], arch["vision"]["heads"], arch["vision"]["patch_size"])
@@ -163,7 +164,6 @@ def test_config_inferred_from_fixture_shapes(fixture_state: dict, expected: dict
         arch["text"]["width"], arch["text"]["layers"], arch["text"]["heads"], arch["text"]["vocab_size"])
 
 
-@needs_fixture
 def test_key_mapping_covers_both_ways(fixture_state: dict) -> None:
     """Every source key is used, every model key produced, and hf_to_openai undoes openai_to_hf bit for bit."""
     config = CLIPConfig.from_state_dict_shapes(shapes(fixture_state))
@@ -194,7 +194,6 @@ def check_against_open_clip(clip: Clip, expected: dict) -> None:
     np.testing.assert_allclose(probs, expected["probs"], rtol=0, atol=PROB_ATOL)
 
 
-@needs_fixture
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_converted_fixture_gives_open_clips_outputs(variant: str, converted: dict, expected: dict) -> None:
     directory = converted[variant]
@@ -211,7 +210,6 @@ def test_converted_fixture_gives_open_clips_outputs(variant: str, converted: dic
     check_against_open_clip(clip, expected)
 
 
-@needs_fixture
 @pytest.mark.parametrize("variant", ["wrapped", "safetensors"])  # torchscript, state_dict: the CLI tests below
 def test_checkpoint_file_used_directly_gives_open_clips_outputs(variant: str, checkpoints: dict,
                                                                 expected: dict) -> None:
@@ -221,7 +219,6 @@ def test_checkpoint_file_used_directly_gives_open_clips_outputs(variant: str, ch
     assert siblings(checkpoints[variant]) == before
 
 
-@needs_fixture
 def test_every_checkpoint_form_converts_to_the_same_files(converted: dict) -> None:
     """So what is shown for one converted directory (e.g. that transformers loads it) holds for all."""
     reference = converted["torchscript"]
@@ -230,7 +227,6 @@ def test_every_checkpoint_form_converts_to_the_same_files(converted: dict) -> No
             assert (directory / name).read_bytes() == (reference / name).read_bytes(), (directory, name)
 
 
-@needs_fixture
 def test_transformers_loads_converted_fixture(converted: dict, expected: dict) -> None:
     import transformers
 
@@ -268,7 +264,6 @@ def test_transformers_loads_converted_fixture(converted: dict, expected: dict) -
 # ------------------------------------------------------------------------------------ --model FILE in the CLI
 
 
-@needs_fixture
 def test_classify_with_pt_file_matches_open_clip(checkpoints: dict, expected: dict) -> None:
     before = siblings(checkpoints["state_dict"])
     result = run("classify", *map(str, expected["paths"]), "--labels", ",".join(expected["labels"]),
@@ -285,7 +280,6 @@ def test_classify_with_pt_file_matches_open_clip(checkpoints: dict, expected: di
     assert siblings(checkpoints["state_dict"]) == before  # converted in memory only
 
 
-@needs_fixture
 def test_embed_with_jit_file_matches_open_clip(expected: dict, tmp_path: Path) -> None:
     output = tmp_path / "emb.npy"
     result = run("embed", *map(str, expected["paths"]), "-o", str(output), "--model", str(JIT), "--device", "cpu",
@@ -294,7 +288,7 @@ def test_embed_with_jit_file_matches_open_clip(expected: dict, tmp_path: Path) -
     rows = np.load(output)
     paths = [Path(line).name for line in (tmp_path / "emb.paths.txt").read_text(encoding="utf-8").splitlines()]
     reference = expected["image_embeds"][[expected["images"].index(name) for name in paths]]
-    assert rows.dtype == np.float32 and rows.shape == (5, 80)
+    assert rows.dtype == np.float32 and rows.shape == (5, EMBED_DIM)
     assert cosines(rows, reference).min() >= COSINE
     np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1, atol=1e-5)
 
@@ -374,7 +368,6 @@ def test_bare_hf_state_dict_file_infers_its_config(tiny_model_dir: Path, tmp_pat
 # --------------------------------------------------------------------------------------- dtypes and re-saving
 
 
-@needs_fixture
 @pytest.mark.parametrize("dtype, torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_dtype_option_writes_that_dtype(dtype: str, torch_dtype: torch.dtype, expected: dict,
                                         tmp_path: Path) -> None:
@@ -394,7 +387,6 @@ def test_dtype_option_writes_that_dtype(dtype: str, torch_dtype: torch.dtype, ex
     np.testing.assert_allclose(ours[0], image, atol=1e-5)
 
 
-@needs_fixture
 def test_invalid_dtype_is_a_usage_error(tmp_path: Path) -> None:
     line = error_line(run("convert-weights", str(JIT), str(tmp_path / "out"), "--dtype", "int8"))
     assert "int8" in line and "fp16" in line
@@ -430,7 +422,6 @@ def test_resaves_pytorch_model_bin_directory_as_safetensors(tiny_model_dir: Path
 # -------------------------------------------------------------------------------- destination: force, atomic
 
 
-@needs_fixture
 def test_refuses_a_non_empty_destination_without_force(tmp_path: Path) -> None:
     dst = tmp_path / "out"
     dst.mkdir()
@@ -447,7 +438,6 @@ def test_refuses_a_non_empty_destination_without_force(tmp_path: Path) -> None:
     assert siblings(dst) == {"out"}
 
 
-@needs_fixture
 def test_an_empty_destination_is_filled_and_force_replaces_a_model_directory(tiny_model_dir: Path,
                                                                             tmp_path: Path) -> None:
     dst = tmp_path / "out"
@@ -458,7 +448,7 @@ def test_an_empty_destination_is_filled_and_force_replaces_a_model_directory(tin
     assert "--force" in line and "stale.txt" in os.listdir(dst)
     convert_cli(JIT, dst, "--force")
     assert "stale.txt" not in os.listdir(dst)
-    assert load(str(dst), device="cpu").config.vision.hidden_size == 192
+    assert load(str(dst), device="cpu").config.vision.hidden_size == VISION_WIDTH
     assert siblings(dst) == {"out"}  # no temp or old directories left beside it
 
 
@@ -472,8 +462,6 @@ def test_converting_a_directory_onto_itself_with_force(tiny_model_dir: Path, tmp
     assert siblings(model) == {"model"}
 
 
-@needs_fixture
-@needs_fixture
 @pytest.mark.parametrize("case", ["parent-is-a-file", "name-too-long", "parent-missing-and-unmakeable",
                                   "current-folder", "folder-holding-the-current-one"])
 def test_unusable_destinations_are_one_line_usage_errors(case: str, tmp_path: Path,
@@ -494,7 +482,6 @@ def test_unusable_destinations_are_one_line_usage_errors(case: str, tmp_path: Pa
     assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(work))) == before  # nothing left behind
 
 
-@needs_fixture
 def test_a_destination_that_links_to_an_empty_folder_is_written_through(tmp_path: Path) -> None:
     (tmp_path / "target").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "target")
@@ -555,7 +542,6 @@ def test_activation_help_lists_every_accepted_value() -> None:
     assert all(activation in words for activation in ACTIVATIONS), words
 
 
-@needs_fixture
 def test_activation_option_sets_hidden_act(converted: dict, tmp_path: Path) -> None:
     out = convert_cli(JIT, tmp_path / "gelu", "--activation", "gelu")
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
@@ -573,7 +559,6 @@ def test_activation_option_overrides_a_directory_config(tiny_model_dir: Path, tm
     assert config["vision_config"]["num_attention_heads"] == source["vision_config"]["num_attention_heads"] == 4
 
 
-@needs_fixture
 def test_invalid_activation_is_one_line_usage_error(tmp_path: Path) -> None:
     line = error_line(run("convert-weights", str(JIT), str(tmp_path / "out"), "--activation", "tanh"))
     assert "tanh" in line and "quick_gelu" in line
@@ -615,15 +600,18 @@ MALFORMED = {
                       "not numbered 0..N-1"),
     "missing-key": (lambda s, d: _saved(_without(s, "transformer.resblocks.1.ln_2.bias"), d / "x.pt"),
                     "missing 'text_model.encoder.layers.1.layer_norm2.bias'"),
-    "positions-not-a-grid": (lambda s, d: _saved(_with(s, "visual.positional_embedding", torch.zeros(18, 192)),
-                                                 d / "x.pt"), "inconsistent vision shapes"),
+    "positions-not-a-grid": (lambda s, d: _saved(_with(s, "visual.positional_embedding",
+                                                       torch.zeros(18, VISION_WIDTH)), d / "x.pt"),
+                             "inconsistent vision shapes"),
     "positions-wrong-width": (lambda s, d: _saved(_with(s, "visual.positional_embedding", torch.zeros(17, 100)),
                                                   d / "x.pt"), "inconsistent vision shapes"),
     "qkv-not-divisible-by-3": (lambda s, d: _saved(_with(s, "transformer.resblocks.0.attn.in_proj_weight",
-                                                         torch.zeros(383, 128)), d / "x.pt"), "not 3 x width"),
+                                                         torch.zeros(3 * TEXT_WIDTH - 1, TEXT_WIDTH)), d / "x.pt"),
+                               "not 3 x width"),
     "qkv-wrong-width": (lambda s, d: _saved(_with(s, "transformer.resblocks.0.attn.in_proj_weight",
-                                                  torch.zeros(390, 128)), d / "x.pt"),
-                        "text_model.encoder.layers.0.self_attn.q_proj.weight' has shape (130, 128)"),
+                                                  torch.zeros(3 * (TEXT_WIDTH + 2), TEXT_WIDTH)), d / "x.pt"),
+                        "text_model.encoder.layers.0.self_attn.q_proj.weight' has shape "
+                        f"({TEXT_WIDTH + 2}, {TEXT_WIDTH})"),
     "resnet": (lambda s, d: _saved({"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
                                     "visual.attnpool.positional_embedding": torch.zeros(50, 2048),
                                     **_without(s, "visual.")}, d / "rn50.pt"), "ResNet"),
@@ -654,7 +642,6 @@ def _truncated(source: Path, path: Path) -> Path:
     return _written(path, data[:len(data) // 2])
 
 
-@needs_fixture
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_checkpoint_is_one_line_usage_error(case: str, fixture_state: dict, tmp_path: Path) -> None:
     build, fragment = MALFORMED[case]
@@ -684,18 +671,17 @@ def test_a_pickle_that_is_not_weights_is_refused_without_running_it(tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
-@needs_fixture
 def test_inconsistent_shapes_raise_usage_error(fixture_state: dict) -> None:
     good = shapes(fixture_state)
     CLIPConfig.from_state_dict_shapes(good)
     bad = [
-        {"visual.conv1.weight": (192, 3, 8, 7)},  # non-square patch
-        {"visual.positional_embedding": (18, 192)},  # 17 = 4 x 4 + 1 tokens; 18 is no grid
-        {"visual.positional_embedding": (17, 191)},
-        {"text_projection": (127, 80)},
-        {"visual.proj": (192, 81)},
-        {"positional_embedding": (77, 64)},
-        {"visual.conv1.weight": (192, 3, 8)},  # wrong rank
+        {"visual.conv1.weight": (VISION_WIDTH, 3, PATCH, PATCH - 1)},  # non-square patch
+        {"visual.positional_embedding": (18, VISION_WIDTH)},  # 17 = 4 x 4 + 1 tokens; 18 is no grid
+        {"visual.positional_embedding": (17, VISION_WIDTH - 1)},
+        {"text_projection": (TEXT_WIDTH - 1, EMBED_DIM)},
+        {"visual.proj": (VISION_WIDTH, EMBED_DIM + 1)},
+        {"positional_embedding": (77, 2 * TEXT_WIDTH)},
+        {"visual.conv1.weight": (VISION_WIDTH, 3, PATCH)},  # wrong rank
     ]
     for change in bad:
         with pytest.raises(UsageError):
@@ -720,7 +706,6 @@ def test_hf_to_openai_names_what_is_missing_or_unknown(tiny_model_dir: Path) -> 
 # ---------------------------------------------------------------------------------------------------- clip info
 
 
-@needs_fixture
 @pytest.mark.parametrize("variant", ["torchscript", "converted"])
 def test_info(variant: str, fixture_state: dict, converted: dict) -> None:
     model = str(JIT if variant == "torchscript" else converted["torchscript"])
@@ -734,4 +719,4 @@ def test_info(variant: str, fixture_state: dict, converted: dict) -> None:
     assert fields["context length"] == "77"
     assert fields["dtype"] == "float32"
     assert fields["source"] == model
-    assert fields["embedding dim"] == "80" and fields["activation"] == "quick_gelu"
+    assert fields["embedding dim"] == str(EMBED_DIM) and fields["activation"] == "quick_gelu"

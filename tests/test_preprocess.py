@@ -27,7 +27,8 @@ from clipcli.preprocess import (
 transformers = pytest.importorskip("transformers")
 from transformers import CLIPImageProcessorPil  # noqa: E402
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "openai-small"
+from tests.conftest import FIXTURE  # noqa: E402
+
 TOL = 1e-5
 
 # preprocessor_config.json dicts given to both implementations.
@@ -106,8 +107,12 @@ def test_input_image_untouched() -> None:
     assert image.mode == "RGBA" and image.size == (64, 48) and image.tobytes() == before
 
 
-@pytest.mark.skipif(not (FIXTURE / "images").is_dir(), reason="shared fixture images are not on disk")
 def test_parity_on_real_photos() -> None:
+    """Our preprocessing of the openai-small fixture's photos against transformers and against open_clip.
+
+    The photos are sample_images/ at 32x32 (tests/fixtures/openai-small/images/); open_clip's pixel_values for them
+    are in expected.npz beside them, made by tests/make_openai_fixture.py.
+    """
     names = json.loads((FIXTURE / "expected.json").read_text())["images"]
     open_clip_pixels = np.load(FIXTURE / "expected.npz")["pixel_values"]
     for index, name in enumerate(names):
