@@ -231,7 +231,7 @@ class Session:
 
         def flush() -> FeatureBatch:
             done = len(batch_paths) + len(failures)
-            width = rows[0].shape[0] if rows else 0
+            width = rows[0].shape[0] if rows else (self._info.projection_dim if self._info else 0)
             batch = FeatureBatch(list(batch_paths), np.stack(rows) if rows else np.zeros((0, width), np.float32),
                                  list(failures))
             batch_paths.clear(), rows.clear(), failures.clear()

@@ -23,6 +23,8 @@ def ensemble(prompt_features: np.ndarray, labels: int, templates: int) -> np.nda
 
 def cosines(image_features: np.ndarray, label_embeddings: np.ndarray) -> np.ndarray:
     """(N, D) image features and (L, D) label embeddings -> (N, L) float32 cosine similarities."""
+    if not len(image_features):  # a stretch of inputs that all failed
+        return np.zeros((0, len(label_embeddings)), dtype=np.float32)
     return (normalize(image_features) @ label_embeddings.T).astype(np.float32)
 
 

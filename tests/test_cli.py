@@ -770,7 +770,7 @@ def test_interrupted_embed_writes_nothing(tiny_model_dir, many_images, tmp_path,
     if old_output:
         np.save(npy, np.ones((2, 3), dtype=np.float32))
         sidecar.write_text("old-a\nold-b\n")
-    proc = interrupt(["embed", many_images, "-o", npy, "--batch-size", "1", "--workers", "1", "-m", tiny_model_dir],
+    proc = interrupt(["embed", many_images, "-o", npy, "--batch-size", "1", "--workers", "1", "--no-index", "-m", tiny_model_dir],
                      signum, reading_images_in(many_images, npy))
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == b""
@@ -843,7 +843,7 @@ def test_repeated_interrupts_still_clean_up_quietly(tiny_model_dir, many_images,
     npy = tmp_path / "emb.npy"
     np.save(npy, np.ones((2, 3), dtype=np.float32))
     for attempt in range(3):
-        proc = interrupt(["embed", many_images, "-o", npy, "--batch-size", "1", "--workers", "1",
+        proc = interrupt(["embed", many_images, "-o", npy, "--batch-size", "1", "--workers", "1", "--no-index",
                           "-m", tiny_model_dir], signum, reading_images_in(many_images, npy), times=5)
         assert proc.returncode == code, proc.stderr
         word = "interrupted" if signum == signal.SIGINT else "terminated"

@@ -459,7 +459,7 @@ def test_interrupted_classify_writes_nothing(tiny_model_dir, many_images, tmp_pa
     if old_output:
         out.write_text("old results\n")
     proc = interrupt(["classify", many_images, "-l", "cat,dog", "-f", "jsonl", "-o", out, "--batch-size", "1",
-                      "--workers", "1", "-m", tiny_model_dir], signum, reading_images_in(many_images))
+                      "--workers", "1", "--no-index", "-m", tiny_model_dir], signum, reading_images_in(many_images))
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == b""
     word = "interrupted" if signum == signal.SIGINT else "terminated"
