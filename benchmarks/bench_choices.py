@@ -26,11 +26,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, LABELS, checkpoint, image_paths, photo_folder  # noqa: E402
+from common import BENCH_DIR, LABELS, checkpoint, image_paths, photo_folder
 
-from clipcli import pipeline  # noqa: E402
-from clipcli.loader import Clip, load, place_model  # noqa: E402
-from clipcli.preprocess import PreprocessConfig, load_image, preprocess, resize_output_size  # noqa: E402
+from clipcli import pipeline
+from clipcli.loader import Clip, load, place_model
+from clipcli.preprocess import PreprocessConfig, load_image, preprocess, resize_output_size
 
 TEMPLATE = "a photo of a {}."
 

@@ -33,8 +33,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BENCH_DIR, LABELS, OtherLoad, checkpoint, first_photos, image_paths,  # noqa: E402
-                    peak_rss_mb, photo_folder, run_measured, wait_until_quiet)
+from common import (
+    BENCH_DIR,
+    LABELS,
+    OtherLoad,
+    checkpoint,
+    first_photos,
+    image_paths,
+    peak_rss_mb,
+    photo_folder,
+    run_measured,
+    wait_until_quiet,
+)
 
 TEMPLATE = "a photo of a {}."
 
@@ -194,7 +204,7 @@ def main() -> None:
 
     def ratio(a: str, b: str) -> float:
         # Paired per round, so a round slowed by other load slows both sides; median of the per-round ratios.
-        return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
 
     lines = [
         ("ours fp32 exact / transformers pipeline", "ours fp32 exact", "transformers fp32 bs32", ">= 1.8"),

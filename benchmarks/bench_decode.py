@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, OtherLoad, checkpoint, image_paths, photo_folder, wait_until_quiet  # noqa: E402
+from common import BENCH_DIR, OtherLoad, checkpoint, image_paths, photo_folder, wait_until_quiet
 
 
 def decode_in_process(path: str, config, draft_size: int | None) -> np.ndarray:

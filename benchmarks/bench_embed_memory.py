@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, checkpoint, first_photos, photo_folder, run_measured  # noqa: E402
+from common import BENCH_DIR, checkpoint, first_photos, photo_folder, run_measured
 
 
 def main() -> None:

@@ -9,13 +9,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from clipcli.errors import UsageError
-from clipcli.process import (EXIT_SOME_FAILED, OneLineErrors, eprint, handle_errors, install_signal_handlers, warn,
-                             write_stdout)
+from clipcli.process import (
+    EXIT_SOME_FAILED,
+    OneLineErrors,
+    eprint,
+    handle_errors,
+    install_signal_handlers,
+    warn,
+    write_stdout,
+)
 
 if TYPE_CHECKING:
     from clipcli.inputs import Failure
@@ -64,11 +71,11 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), c
 DtypeOpt = Annotated[str, typer.Option(
     help="auto (fp32 on CPU, identical to the reference; fp16 on CUDA), fp32, fp16 or bf16.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
-WorkersOpt = Annotated[Optional[int], typer.Option(
+WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=1, help="Image decoding threads (default: one per CPU core).")]
 FastOpt = Annotated[bool, typer.Option(
     "--fast-decode", help="Decode large JPEGs at reduced scale before the exact resize (faster, near-identical).")]
-IndexOpt = Annotated[Optional[Path], typer.Option(
+IndexOpt = Annotated[Path | None, typer.Option(
     "--index", envvar="CLIP_INDEX", show_default=False,
     help="The embedding index file [default: $XDG_CACHE_HOME/clipcli/index.db].")]
 NoIndexOpt = Annotated[bool, typer.Option("--no-index", help="Neither read nor write the embedding index.")]
@@ -113,16 +120,17 @@ def _session(model: str, device: str, dtype: str, fast_decode: bool, batch_size:
 @handle_errors
 def classify(
     paths: PathsArg,
-    labels: Annotated[Optional[list[str]], typer.Option(
+    labels: Annotated[list[str] | None, typer.Option(
         "--labels", "-l", help="Comma-separated labels: cat,dog,car (repeatable: -l cat -l dog).")] = None,
-    labels_file: Annotated[Optional[Path], typer.Option(help="File with one label per line (- reads stdin).")] = None,
-    template: Annotated[Optional[list[str]], typer.Option(
-        "--template", "-t", help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
-    templates: Annotated[Optional[str], typer.Option(help="A named template set: imagenet (the CLIP paper's 80).")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="File with one label per line (- reads stdin).")] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", "-t",
+        help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
+    templates: Annotated[str | None, typer.Option(help="A named template set: imagenet (the CLIP paper's 80).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image.")] = 5,
     fmt: Annotated[Format, typer.Option(
         "--format", "-f", help="table for people; csv, json or jsonl for programs.")] = Format.table,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write results here (default stdout; - is stdout too).")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
@@ -184,13 +192,16 @@ def classify(
 @app.command()
 @handle_errors
 def embed(
-    paths: Annotated[Optional[list[str]], typer.Argument(metavar="PATH", help="Image files and/or folders.",
+    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH", help="Image files and/or folders.",
                                                          show_default=False)] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .npy to write; PATHS go to <name>.paths.txt.")] = Path("embeddings.npy"),
-    text: Annotated[Optional[list[str]], typer.Option("--text", help="Embed this text instead of images (repeatable).")] = None,
-    text_file: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="The .npy to write; PATHS go to <name>.paths.txt.")] = Path("embeddings.npy"),
+    text: Annotated[list[str] | None, typer.Option(
+        "--text", help="Embed this text instead of images (repeatable).")] = None,
+    text_file: Annotated[Path | None, typer.Option(
         help="Embed each line of this file (blank lines skipped; - reads stdin).")] = None,
-    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Raw projected features, not L2-normalised.")] = False,
+    no_normalize: Annotated[bool, typer.Option(
+        "--no-normalize", help="Raw projected features, not L2-normalised.")] = False,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
@@ -239,7 +250,7 @@ def embed(
         try:
             if texts:
                 embedded = pipeline.embed_texts(session, texts, normalized=not no_normalize)
-                for item, truncated in zip(texts, embedded.truncated):
+                for item, truncated in zip(texts, embedded.truncated, strict=True):
                     if truncated:
                         warn(f"text '{item[:60]}{'…' if len(item) > 60 else ''}' is longer than the model's "
                              f"{session.info.context_length}-token context and was truncated")
@@ -260,7 +271,7 @@ def embed(
 @app.command("index")
 @handle_errors
 def index_command(
-    paths: Annotated[Optional[list[str]], typer.Argument(
+    paths: Annotated[list[str] | None, typer.Argument(
         metavar="PATH", help="Image files and/or folders to add or update.", show_default=False)] = None,
     info: Annotated[bool, typer.Option("--info", help="Show what the index holds (also without PATH).")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Forget files that are gone, and their embeddings.")] = False,
@@ -296,9 +307,9 @@ def index_command(
     if paths:
         images, failures = find_images(paths)
         _warn_if_no_images(images, failures)
-        with _session(model, device, dtype, fast_decode, batch_size, workers, location, False) as session:
-            with out.progress_bar(len(images), quiet) as advance:
-                counts = pipeline.index_images(session, images, progress=advance)
+        with (_session(model, device, dtype, fast_decode, batch_size, workers, location, False) as session,
+              out.progress_bar(len(images), quiet) as advance):
+            counts = pipeline.index_images(session, images, progress=advance)
         failures.extend(counts.failures)
         eprint(f"indexed {len(images)} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
                f"{counts.unchanged} unchanged, {len(failures)} failed")
@@ -331,7 +342,7 @@ def convert_weights(
     src: Annotated[str, typer.Argument(help="OpenAI/OpenCLIP checkpoint, or a Hugging Face CLIP directory/file.")],
     dst: Annotated[Path, typer.Argument(help="Directory to write in Hugging Face CLIP layout.")],
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16 for the saved weights.")] = "fp32",
-    activation: Annotated[Optional[str], typer.Option(
+    activation: Annotated[str | None, typer.Option(
         help="hidden_act of both towers: quick_gelu (OpenAI; the default for checkpoint files), gelu (some "
         "OpenCLIP models), or gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish. Overrides config.json "
         "when SRC is a directory.")] = None,
@@ -353,7 +364,8 @@ def convert_weights(
 @app.command()
 @handle_errors
 def info(
-    model: Annotated[str, typer.Argument(envvar="CLIP_MODEL", help="Directory, checkpoint file or Hub id.")] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Argument(
+        envvar="CLIP_MODEL", help="Directory, checkpoint file or Hub id.")] = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     debug: DebugOpt = False,
@@ -369,7 +381,8 @@ def info(
         ("source", clip.source),
         ("architecture", f"ViT-{vision.patch_size} vision ({vision.num_hidden_layers} layers, width "
                          f"{vision.hidden_size}, {vision.num_attention_heads} heads) + text transformer "
-                         f"({text.num_hidden_layers} layers, width {text.hidden_size}, {text.num_attention_heads} heads)"),
+                         f"({text.num_hidden_layers} layers, width {text.hidden_size}, "
+                         f"{text.num_attention_heads} heads)"),
         ("parameters", f"{params:,}"),
         ("embedding dim", str(config.projection_dim)),
         ("image size", f"{vision.image_size}x{vision.image_size}"),

@@ -46,10 +46,11 @@ def temp_file(path: Path, mode: str = "w") -> Iterator[tuple[IO, str]]:
     """An open temp file beside `path` and its name; removed at the end unless renamed into place by then."""
     path = Path(path)
     fd, temp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".part", dir=folder_of(path))
-    text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
     try:
         os.chmod(temp, new_file_mode(path))  # mkstemp makes it private (0600); give it what open() would
-        with os.fdopen(fd, mode, **text) as handle:
+        handle: IO = (os.fdopen(fd, mode) if "b" in mode else
+                      os.fdopen(fd, mode, encoding="utf-8", errors="surrogateescape", newline=""))
+        with handle:
             yield handle, temp
     finally:
         remove_file(temp)

@@ -466,7 +466,7 @@ class Index:
                 return False
             with self._transaction() as con:
                 for table in ("image_keys", "prompt_keys", "vectors", "variants", "models", "files"):
-                    con.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+                    con.execute(f"DELETE FROM {table}")
             self._con.execute("PRAGMA incremental_vacuum")
             self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._variants.clear()
@@ -503,9 +503,12 @@ def _text_key(text: str) -> bytes:
 
 
 def _stat_key(state: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (_int64(state.st_dev), _int64(state.st_ino), state.st_size, state.st_mtime_ns, state.st_ctime_ns)
+
+
+def _int64(value: int) -> int:
     # As SQLite's signed 64-bit integers: device and inode numbers may use all 64 bits.
-    return tuple(v - (1 << 64) if v >= 1 << 63 else v  # type: ignore[return-value]
-                 for v in (state.st_dev, state.st_ino, state.st_size, state.st_mtime_ns, state.st_ctime_ns))
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _memo_crc(key: bytes, dev: int, ino: int, size: int, mtime: int, ctime: int, racy: int, digest: bytes) -> int:

@@ -21,8 +21,16 @@ from clipcli.model import CLIPModel
 from clipcli.preprocess import PreprocessConfig
 from clipcli.resolve import DEFAULT_MODEL, ModelFiles, resolve, shard_map, weights_file
 from clipcli.tokenizer import ClipTokenizer
-from clipcli.weights import (build_model, check_destination, hf_to_openai, is_hf_layout, is_openai_layout,
-                             openai_to_hf, read_state_dict, write_hf_directory)
+from clipcli.weights import (
+    build_model,
+    check_destination,
+    hf_to_openai,
+    is_hf_layout,
+    is_openai_layout,
+    openai_to_hf,
+    read_state_dict,
+    write_hf_directory,
+)
 
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -130,9 +138,10 @@ def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPCo
         state = read_weights(weights)
         with _about(weights):
             return config, openai_to_hf(state) if is_openai_layout(state) else state
-    state = read_state_dict(files.checkpoint)
+    checkpoint = weights_file(files)
+    state = read_state_dict(checkpoint)
     act = hidden_act or "quick_gelu"
-    with _about(files.checkpoint):
+    with _about(checkpoint):
         if is_openai_layout(state):
             return CLIPConfig.from_state_dict_shapes(_shapes(state), hidden_act=act), openai_to_hf(state)
         if not is_hf_layout(state):

@@ -30,14 +30,14 @@ FORMATS = ("table", "csv", "json", "jsonl")
 def records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[dict]:
     """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label."""
     out = []
-    for path, row in zip(paths, probs):
+    for path, row in zip(paths, probs, strict=True):
         order = np.argsort(-row, kind="stable")
         out.append({
             "path": display_path(path),
             "label": labels[order[0]],
             "score": float(row[order[0]]),
             "top": [{"label": labels[i], "score": float(row[i])} for i in order[:top_k]],
-            "scores": {label: float(p) for label, p in zip(labels, row)},
+            "scores": {label: float(p) for label, p in zip(labels, row, strict=True)},
         })
     return out
 
@@ -65,7 +65,8 @@ def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = Fals
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow([*CSV_COLUMNS, *labels])
         for r in rows:
-            writer.writerow([r["path"], r["label"], f"{r['score']:.6g}", *(f"{r['scores'][l]:.6g}" for l in labels)])
+            scores = (f"{r['scores'][label]:.6g}" for label in labels)
+            writer.writerow([r["path"], r["label"], f"{r['score']:.6g}", *scores])
         return buffer.getvalue()
     if fmt == "table":
         return _table(rows, color)
@@ -143,9 +144,9 @@ def check_not_an_input(outputs: Sequence[Path], inputs: Sequence[str]) -> None:
             info = os.stat(item)
         except OSError:
             continue
-        path = existing.get((info.st_dev, info.st_ino))
-        if path is not None and stat.S_ISREG(info.st_mode):
-            raise OptionError("output", display_path(str(path)), f"is one of the input images ('{display_path(item)}')",
+        same = existing.get((info.st_dev, info.st_ino))
+        if same is not None and stat.S_ISREG(info.st_mode):
+            raise OptionError("output", display_path(str(same)), f"is one of the input images ('{display_path(item)}')",
                               "choose another {option}")
 
 
@@ -296,7 +297,15 @@ def progress_bar(total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
         yield lambda n: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TextColumn,
+        TimeRemainingColumn,
+    )
     from rich.text import Text
 
     class Rate(ProgressColumn):

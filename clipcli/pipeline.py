@@ -21,7 +21,7 @@ from clipcli import scoring
 from clipcli.errors import InputError, OptionError, UsageError, os_reason
 from clipcli.index import FileRecord, Index, Variant, content_digest
 from clipcli.inputs import Failure
-from clipcli.preprocess import decode_image, preprocess, read_image_file
+from clipcli.preprocess import PreprocessConfig, decode_image, preprocess, read_image_file
 from clipcli.resolve import DEFAULT_MODEL, ModelFiles, resolve
 
 if TYPE_CHECKING:
@@ -162,10 +162,9 @@ class Session:
         if self._dtype is not None:
             return
         device, dtype = self.settings.device, self.settings.dtype
-        if device == "cpu" or (device == "auto" and not _maybe_cuda()):
-            if dtype in ("auto", "fp32"):
-                self._device_type, self._dtype = "cpu", "fp32"
-                return
+        if (device == "cpu" or (device == "auto" and not _maybe_cuda())) and dtype in ("auto", "fp32"):
+            self._device_type, self._dtype = "cpu", "fp32"
+            return
         from clipcli.loader import DTYPE_NAMES, resolve_device, resolve_dtype
 
         target = resolve_device(device)
@@ -193,7 +192,7 @@ class Session:
             clip = self.clip
             features = clip.text_features(missing)
             self.computed_texts += len(missing)
-            rows = [(text, row, clip.tokenizer.is_truncated(text)) for text, row in zip(missing, features)]
+            rows = [(text, row, clip.tokenizer.is_truncated(text)) for text, row in zip(missing, features, strict=True)]
             found.update({text: (row, truncated) for text, row, truncated in rows})
             if self.index is not None and self.fingerprint is not None:
                 self.index.add_text_features(self.fingerprint, rows)
@@ -234,7 +233,9 @@ class Session:
             width = rows[0].shape[0] if rows else (self._info.projection_dim if self._info else 0)
             batch = FeatureBatch(list(batch_paths), np.stack(rows) if rows else np.zeros((0, width), np.float32),
                                  list(failures))
-            batch_paths.clear(), rows.clear(), failures.clear()
+            batch_paths.clear()
+            rows.clear()
+            failures.clear()
             if progress is not None:
                 progress(done)
             return batch
@@ -271,12 +272,11 @@ class Session:
         def run_model() -> None:
             features = self.clip.image_features([pixels for _, pixels, _, _ in pending])
             self.computed_images += len(pending)
-            for (slot, _, _, _), row in zip(pending, features):
+            for (slot, _, _, _), row in zip(pending, features, strict=True):
                 results[slot] = (results[slot][0], row)
             if self.index is not None and variant is not None:
-                self.index.add_image_features(
-                    variant, [(digest, row) for (_, _, digest, _), row in zip(pending, features) if digest],
-                    [memo for _, _, _, memo in pending if memo is not None])
+                rows = [(digest, row) for (_, _, digest, _), row in zip(pending, features, strict=True) if digest]
+                self.index.add_image_features(variant, rows, [memo for *_, memo in pending if memo is not None])
             pending.clear()
 
         with ThreadPoolExecutor(max_workers=settings.workers or default_workers(),
@@ -362,7 +362,7 @@ class Session:
         for item in items:
             if not isinstance(item[1], (Failure, _Pixels)):
                 item[1] = found[item[2]]
-        return [tuple(item) for item in items]  # type: ignore[misc]
+        return [tuple(item) for item in items]
 
 
 @dataclass(frozen=True)
@@ -391,9 +391,9 @@ def _read(path: str, hashing: bool) -> tuple[bytes, bytes | None, FileRecord | N
     return data, digest, None if state is None else FileRecord(path, state, digest, seen)
 
 
-def _decode(data: bytes, config: object, draft: int | None) -> _Pixels | str:
+def _decode(data: bytes, config: PreprocessConfig, draft: int | None) -> _Pixels | str:
     try:
-        return _Pixels(preprocess(decode_image(data, draft), config))  # type: ignore[arg-type]
+        return _Pixels(preprocess(decode_image(data, draft), config))
     except InputError as err:
         return str(err)
 
@@ -425,7 +425,8 @@ def default_workers() -> int:
 def check_templates(templates: Sequence[str]) -> None:
     """UsageError unless there is at least one template and each has a {} where the label goes."""
     if not templates:
-        raise OptionError("templates", None, "no templates", "pass {option} 'a photo of a {}.' or omit it for the default")
+        raise OptionError("templates", None, "no templates",
+                          "pass {option} 'a photo of a {}.' or omit it for the default")
     for template in templates:
         if "{}" not in template:
             raise OptionError("templates", template, "has no {} where the label goes",
@@ -458,7 +459,8 @@ def label_embeddings(session: Session, labels: Sequence[str], templates: Sequenc
     check_templates(templates)
     prompts = [template.replace("{}", label) for label in labels for template in templates]
     text = session.text_features(prompts)
-    cut = {label for label, truncated in zip((l for l in labels for _ in templates), text.truncated) if truncated}
+    per_prompt = [label for label in labels for _ in templates]
+    cut = {label for label, truncated in zip(per_prompt, text.truncated, strict=True) if truncated}
     return Labels(list(labels), scoring.ensemble(text.features, len(labels), len(templates)),
                   [label for label in labels if label in cut])
 

@@ -4,6 +4,7 @@ nothing of models or batching, and imports no torch."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -12,9 +13,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import io
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -203,8 +202,9 @@ class PreprocessConfig:
         (benchmarks/README.md)."""
         if not self.do_resize:
             return None
-        target = self.shortest_edge if self.shortest_edge is not None else max(self.size_height, self.size_width)
-        return math.ceil(target * _DRAFT_MARGIN)  # type: ignore[operator]
+        target = self.shortest_edge if self.shortest_edge is not None else max(self.size_height or 0,
+                                                                                self.size_width or 0)
+        return math.ceil(target * _DRAFT_MARGIN)
 
 
 def _as_triple(name: str, value: object) -> tuple[float, float, float]:
@@ -212,7 +212,7 @@ def _as_triple(name: str, value: object) -> tuple[float, float, float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (value, value, value)
     if isinstance(value, list):
-        return tuple(value)  # type: ignore[return-value]  # length and types checked in __post_init__
+        return tuple(value)  # length and types are checked in __post_init__
     raise UsageError(f"invalid preprocessor_config.json: {name} must be a list of 3 numbers, got {value!r}; "
                      "fix preprocessor_config.json")
 
@@ -242,8 +242,8 @@ def _eight_bit_values(image: Image.Image) -> bool:
     as the reference does, not scaled as 16-bit data, which would turn it almost black."""
     if image.mode != "I":
         return False
-    low, high = image.getextrema()
-    return 0 <= low and high <= 255
+    low, high = cast(tuple[int, int], image.getextrema())  # one band: (min, max)
+    return low >= 0 and high <= 255
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
@@ -320,7 +320,7 @@ def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
     return decode_image(read_image_file(path), draft_size)
 
 
-def read_image_file(path: Path) -> bytes:
+def read_image_file(path: str | Path) -> bytes:
     """The bytes of an image file; InputError naming why not (missing, unreadable, a folder, empty, ...)."""
     try:
         info = os.stat(path)
@@ -350,9 +350,8 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     """An image file's bytes -> "RGB" PIL image: EXIF-transposed, first frame; raises InputError(reason).
 
     `draft_size` (fast decode) lets JPEGs decode at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_size."""
-    if draft_size is not None:
-        if isinstance(draft_size, bool) or not isinstance(draft_size, int) or draft_size <= 0:
-            raise UsageError(f"draft_size must be a positive integer, got {draft_size!r}; pass e.g. 224 or None")
+    if draft_size is not None and (isinstance(draft_size, bool) or not isinstance(draft_size, int) or draft_size <= 0):
+        raise UsageError(f"draft_size must be a positive integer, got {draft_size!r}; pass e.g. 224 or None")
     if not data:
         raise InputError("empty file")
     return _decode(io.BytesIO(data), draft_size)
@@ -377,7 +376,7 @@ def _decode(file: Any, draft_size: int | None) -> Image.Image:
             raise InputError(f"image too large ({image.width * image.height} pixels, limit {limit})")
         try:
             ImageOps.exif_transpose(image, in_place=True)
-        except Exception:  # noqa: BLE001  # unreadable EXIF: show the pixels as stored, as browsers do
+        except Exception:  # unreadable EXIF: show the pixels as stored, as browsers do
             pass
         return to_rgb(image)
     except InputError:
@@ -388,7 +387,7 @@ def _decode(file: Any, draft_size: int | None) -> Image.Image:
         found = _BOMB_MESSAGE.search(str(exc))
         pixels = f"{found.group(1)} pixels, " if found else ""
         raise InputError(f"image too large ({pixels}limit {Image.MAX_IMAGE_PIXELS})") from None
-    except Exception as exc:  # noqa: BLE001  # Pillow's decoders raise many types on bad data
+    except Exception as exc:  # Pillow's decoders raise many types on bad data
         raise InputError(_decode_reason(exc)) from exc
 
 

@@ -88,8 +88,8 @@ def _hub_snapshot(repo_id: str, offline: bool) -> Path:
     cached = _cached_snapshot(repo_id)
     if cached is not None:
         return cached
-    how = (f"connect to the internet once so it can be downloaded into the Hugging Face cache, or pass "
-           f"--model with a local CLIP directory or OpenAI .pt file (`clip convert-weights` makes one)")
+    how = ("connect to the internet once so it can be downloaded into the Hugging Face cache, or pass "
+           "--model with a local CLIP directory or OpenAI .pt file (`clip convert-weights` makes one)")
     if offline or constants.HF_HUB_OFFLINE:
         raise UsageError(f"model '{repo_id}' is not in the local Hugging Face cache and offline mode is on; {how}")
     quiet = logging.getLogger("huggingface_hub")

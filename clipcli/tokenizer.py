@@ -68,11 +68,13 @@ def _read_text(path: Path) -> str:
 
 def _parse_merges(lines: Sequence[object], source: Path) -> list[tuple[str, str]]:
     """Merges as "a b" strings (merges.txt, older tokenizer.json) or [a, b] pairs (newer tokenizer.json)."""
-    pairs = [line.split(" ") if isinstance(line, str) else line for line in lines]
-    for number, pair in enumerate(pairs, start=1):
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        pair = line.split(" ") if isinstance(line, str) else line
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)):
             raise UsageError(f"{source}: merge {number} is not a pair of tokens; {_REFETCH}")
-    return [(first, second) for first, second in pairs]
+        pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 def _read_vocab_and_merges(directory: Path) -> tuple[dict[str, int], list[tuple[str, str]], Path]:
@@ -92,7 +94,10 @@ def _read_vocab_and_merges(directory: Path) -> tuple[dict[str, int], list[tuple[
                          "use a checkpoint directory that has them")
     lines = _read_text(merges_file).splitlines()
     lines = lines[1:] if lines and lines[0].startswith("#version") else lines  # only this header, as `tokenizers`
-    return read_json(source, _REFETCH), _parse_merges([line for line in lines if line], merges_file), source
+    vocab = read_json(source, _REFETCH)
+    if not isinstance(vocab, dict):
+        raise UsageError(f"{source}: not a vocabulary (expected a JSON object); {_REFETCH}")
+    return vocab, _parse_merges([line for line in lines if line], merges_file), source
 
 
 class ClipTokenizer:
@@ -101,10 +106,12 @@ class ClipTokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, context_length: int, pad_token: str = EOS) -> None:
         if context_length < 2:
             raise UsageError(f"context length {context_length} leaves no room for BOS and EOS; use at least 2")
-        ids = {token: backend.token_to_id(token) for token in (BOS, EOS, pad_token)}
-        for token, token_id in ids.items():
+        ids: dict[str, int] = {}
+        for token in (BOS, EOS, pad_token):
+            token_id = backend.token_to_id(token)
             if token_id is None:
                 raise UsageError(f"the tokenizer vocabulary has no {token!r}; use the tokenizer of a CLIP checkpoint")
+            ids[token] = token_id
         self.context_length = context_length
         self._ids, self._pad_token = ids, pad_token
         # Our own copy, so the caller's backend is left as it was and its padding/truncation never apply.

@@ -164,7 +164,7 @@ def openai_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
                 raise UsageError(f"'{key}' has shape {tuple(value.shape)}; its first dimension is not 3 x width, "
                                  "so it cannot be split into q/k/v; the checkpoint is damaged or not CLIP")
             prefix = f"{_TOWERS[m[1]]}{m[2]}.self_attn"
-            for name, part in zip(_QKV, value.chunk(3, dim=0)):
+            for name, part in zip(_QKV, value.chunk(3, dim=0), strict=True):
                 out[f"{prefix}.{name}.{_FUSED_QKV[m[3]]}"] = part.contiguous()
         elif m and m[3] in _BLOCK_RENAMES:
             out[f"{_TOWERS[m[1]]}{m[2]}.{_BLOCK_RENAMES[m[3]]}"] = value

@@ -94,6 +94,25 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """In-process runs of a tiny model are fastest on one intra-op thread, which also keeps OpenMP from spinning
+    against the decode threads on a small or busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 small PNGs: at --batch-size 1 --workers 1 a run over them lasts long enough to be interrupted."""
+    folder = tmp_path_factory.mktemp("many")
+    for i in range(400):
+        photo(24, 24, seed=i).save(folder / f"{i:03d}.png")
+    return folder
+
+
 def assert_usage_error(result, *fragments: str) -> str:
     """Exit 2, nothing on stdout, stderr exactly one line 'error: ...' that contains every fragment; returns it."""
     assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)

@@ -27,7 +27,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipcli.cli import app
-from tests.conftest import assert_usage_error, photo
+from tests.conftest import assert_usage_error
 
 LABELS = ["cat", "dog", "red car", "rocket ship"]
 TWO_TEMPLATES = ["a photo of a {}.", "a blurry drawing of the {}."]
@@ -119,27 +119,8 @@ def reading_images_in(folder: Path, output: Path | None = None) -> Callable[[int
     return started
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """In-process runs of a tiny model are fastest on one intra-op thread, which also keeps OpenMP from spinning
-    against the decode threads on a small or busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(),
                                 reason="watching a process's open files needs Linux /proc")
-
-
-@pytest.fixture(scope="session")
-def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """400 small PNGs: at --batch-size 1 --workers 1 a run over them lasts long enough to be interrupted."""
-    folder = tmp_path_factory.mktemp("many")
-    for i in range(400):
-        photo(24, 24, seed=i).save(folder / f"{i:03d}.png")
-    return folder
 
 
 def temp_files(folder: Path) -> list[str]:
@@ -232,7 +213,7 @@ def parse(fmt: str, text: str, labels: list[str]) -> list[dict]:
     header = next(reader)
     assert header == ["path", "label", "score", *labels]
     return [{"path": row[0], "label": row[1], "score": float(row[2]),
-             "scores": {label: float(v) for label, v in zip(labels, row[3:])}} for row in reader]
+             "scores": {label: float(v) for label, v in zip(labels, row[3:], strict=True)}} for row in reader]
 
 
 @pytest.mark.parametrize("fmt", ["table", "csv", "json", "jsonl"])
@@ -246,7 +227,7 @@ def test_classify_formats_match_transformers(tiny_model_dir, in_images_parent, r
     if fmt == "table":
         lines = result.stdout.splitlines()
         assert "top label" in lines[0]
-        for path, row in zip(paths, want):
+        for path, row in zip(paths, want, strict=True):
             line = next(line for line in lines if path in line)
             top = LABELS[int(row.argmax())]
             shown = re.search(re.escape(top) + r" (\d+\.\d)%", line)
@@ -308,7 +289,7 @@ def test_top_k(tiny_model_dir, in_images_parent, reference):
     result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "-k", "2", "-f", "jsonl",
                     "-m", tiny_model_dir)
     assert result.exit_code == 0 and result.stderr == ""
-    for obj, row in zip(parse("jsonl", result.stdout, LABELS), want):
+    for obj, row in zip(parse("jsonl", result.stdout, LABELS), want, strict=True):
         assert [t["label"] for t in obj["top"]] == [LABELS[i] for i in np.argsort(-row)[:2]]
         assert len(obj["scores"]) == len(LABELS)  # top-k trims the ranking, never the scores
     table = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "--top-k", "1", "-m", tiny_model_dir)
@@ -770,7 +751,8 @@ def test_interrupted_embed_writes_nothing(tiny_model_dir, many_images, tmp_path,
     if old_output:
         np.save(npy, np.ones((2, 3), dtype=np.float32))
         sidecar.write_text("old-a\nold-b\n")
-    proc = interrupt(["embed", many_images, "-o", npy, "--batch-size", "1", "--workers", "1", "--no-index", "-m", tiny_model_dir],
+    proc = interrupt(["embed", many_images, "-o", npy, "--batch-size", "1", "--workers", "1", "--no-index",
+                      "-m", tiny_model_dir],
                      signum, reading_images_in(many_images, npy))
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == b""

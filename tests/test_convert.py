@@ -253,7 +253,7 @@ def test_transformers_loads_converted_fixture(converted: dict, expected: dict) -
     ours_ids = load(str(directory), device="cpu").tokenizer.encode(prompts).tolist()
     for tokenizer in (transformers.CLIPTokenizer.from_pretrained(directory), processor.tokenizer):
         theirs = tokenizer(prompts)["input_ids"]
-        assert [row[:len(ids)] for row, ids in zip(ours_ids, theirs)] == theirs
+        assert [row[:len(ids)] for row, ids in zip(ours_ids, theirs, strict=True)] == theirs
     # And zero-shot probabilities as the contract defines them: logits_per_image.softmax(-1).
     inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
     with torch.inference_mode():
@@ -375,7 +375,7 @@ def test_dtype_option_writes_that_dtype(dtype: str, torch_dtype: torch.dtype, ex
 
     out = convert_cli(JIT, tmp_path / dtype, "--dtype", dtype)
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16" if dtype == "fp16" else "BF16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118  # safe_open is not a dict == {"F16" if dtype == "fp16" else "BF16"}
     assert json.loads((out / "config.json").read_text(encoding="utf-8"))["torch_dtype"] == str(torch_dtype)[6:]
     model = load_hf(out, dtype=torch.float32)
     image, text = hf_features(model, torch.from_numpy(expected["pixel_values"]),
@@ -414,7 +414,8 @@ def test_resaves_pytorch_model_bin_directory_as_safetensors(tiny_model_dir: Path
     assert before.config == after.config
     ids = before.tokenizer.encode(["a cat", "two dogs on a sofa"])
     pixels = torch.randn(2, 3, 32, 32)
-    for x, y in zip(encode(before, pixels.numpy(), ids.numpy()), encode(after, pixels.numpy(), ids.numpy())):
+    pairs = zip(encode(before, pixels.numpy(), ids.numpy()), encode(after, pixels.numpy(), ids.numpy()), strict=True)
+    for x, y in pairs:
         np.testing.assert_array_equal(x, y)
     load_hf(out)
 

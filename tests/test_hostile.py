@@ -26,8 +26,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.conftest import photo
-from tests.test_cli import (assert_usage_error, interrupt, invoke, many_images,  # noqa: F401  (fixtures)
-                            needs_proc, one_torch_thread, reading_images_in, run_clip, temp_files)
+from tests.test_cli import (
+    assert_usage_error,
+    interrupt,
+    invoke,
+    needs_proc,
+    reading_images_in,
+    run_clip,
+    temp_files,
+)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -102,7 +102,7 @@ def test_dtype_selection(name: str, device: str, expected: torch.dtype) -> None:
 def test_reduced_precision_without_autocast_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
     with pytest.raises(UsageError, match=r"dtype 'bf16': cannot run on cpu here \(torch .* has no autocast for "
-                                         "cpu\); use dtype fp16 or fp32"):
+                                         r"cpu\); use dtype fp16 or fp32"):
         resolve_dtype("bf16", torch.device("cpu"))
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
 
@@ -241,7 +241,7 @@ def model_calls(run: pipeline.Session) -> list[int]:
     """Record the batch size of every image-tower call of the session's model."""
     calls: list[int] = []
     image_features = run.clip.image_features
-    run.clip.__dict__  # a frozen dataclass: patch the method on the instance through object.__setattr__
+    # Clip is a frozen dataclass: patch the method on the instance through object.__setattr__.
     object.__setattr__(run.clip, "image_features", lambda pixels: calls.append(len(pixels)) or image_features(pixels))
     return calls
 
@@ -250,7 +250,7 @@ def test_batches_hold_exactly_batch_size_images_despite_failures(tiny_model_dir:
                                                                  tmp_path: Path) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff" + b"\0" * 40)
-    paths = photos[:3] + [str(broken)] + photos[3:]
+    paths = [*photos[:3], str(broken), *photos[3:]]
     run = session(tiny_model_dir, batch_size=4, workers=3)
     calls = model_calls(run)
     done: list[int] = []

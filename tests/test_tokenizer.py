@@ -201,7 +201,7 @@ def test_batch_pads_to_longest_row(bundled: ClipTokenizer, texts: list[str]) -> 
     rows = [bundled.encode([text])[0] for text in texts]
     ids = bundled.encode(texts)
     assert ids.shape == (len(texts), max(len(row) for row in rows))
-    for row, padded in zip(rows, ids):
+    for row, padded in zip(rows, ids, strict=True):
         assert torch.equal(padded[: len(row)], row)
         assert bool((padded[len(row):] == bundled.pad_token_id).all())
 
@@ -274,7 +274,7 @@ def test_agrees_with_open_clip_fixture(bundled: ClipTokenizer) -> None:
     assert expected.shape == (len(texts), 77)
     # open_clip also runs ftfy.fix_text, html.unescape (twice) and strips the text, which transformers does not;
     # none of these texts is changed by that ("&" alone is not an entity), so all ten must agree.
-    for text, row in zip(texts, expected):
+    for text, row in zip(texts, expected, strict=True):
         ours = bundled.encode([text])[0].numpy()
         assert np.array_equal(row[: len(ours)], ours), text
         assert not row[len(ours):].any(), text
