@@ -45,6 +45,7 @@ class Clip:
     preprocess: PreprocessConfig
     source: str  # where it was loaded from, for people
     dtype: torch.dtype = torch.float32
+    weights_dtype: str = "float32"  # as stored in the checkpoint (see stored_dtype), whatever `dtype` computes in
 
     @property
     def config(self) -> CLIPConfig:
@@ -102,9 +103,22 @@ def load_files(files: ModelFiles, device: str = "auto", dtype: str = "auto", hid
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     config, state = read_model(files, hidden_act)
+    stored = stored_dtype(state)
     clip_model = place_model(check_model(files, config, state), target_device, target_dtype)
     return Clip(clip_model, read_tokenizer(files, config), read_preprocess(files, config), _describe(files),
-                target_dtype)
+                target_dtype, stored)
+
+
+def stored_dtype(state: dict[str, torch.Tensor]) -> str:
+    """The floating-point dtype a state dict's weights are stored in ("float16"); a mix is named most common first
+    ("float16 + float32", as OpenAI's fp16 files keep layer norms in float32)."""
+    counts: dict[str, int] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            name = str(tensor.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + tensor.numel()
+    names = sorted(counts, key=lambda n: -counts[n])
+    return " + ".join(names) if names else "float32"
 
 
 def place_model(model: CLIPModel, device: torch.device, dtype: torch.dtype) -> CLIPModel:

@@ -1,33 +1,229 @@
-"""Rendering and writing results: table/csv/json/jsonl text, streamed .npy + .paths.txt sidecar, atomic files.
-Knows nothing of models; every file it writes appears complete or not at all (a stream such as /dev/stdout is
-written in place)."""
+"""Rendering and writing results: records as table/csv/json/jsonl rows (RowWriter, streamed per batch), the
+terminal-aware table, atomic text files, progress bars and display-safe paths. Knows nothing of models; every file
+it writes appears complete or not at all (a stream such as /dev/stdout is written in place)."""
 
 from __future__ import annotations
 
 import csv
+import functools
+import importlib
+import importlib.util
 import io
 import json
 import os
+import shutil
 import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
 from clipcli.errors import OptionError, UsageError, os_reason
-from clipcli.fsutil import atomic_file, finish_file, folder_of, remove_file, temp_file, temp_prefix
+from clipcli.fsutil import atomic_file, finish_file, folder_of, new_file_mode, remove_file, temp_prefix
 
 if TYPE_CHECKING:
     from clipcli.index import Summary
 
 FORMATS = ("table", "csv", "json", "jsonl")
+# -o NAME.<ext> picks the format when --format is not given; any other name gets the table. html is the report.
+EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".html": "html",
+                     ".htm": "html"}
 
 
-def records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[dict]:
+def choose_format(output: str | None, fmt: str | None) -> str:
+    """The format to write: --format when given, else the one -o's extension names, else the table.
+
+    An explicit --format that contradicts the extension (-o out.json -f csv) is a UsageError."""
+    named = None if output is None or output == "-" else EXTENSION_FORMATS.get(os.path.splitext(output)[1].lower())
+    if fmt is None:
+        return named or "table"
+    if named is not None and named != fmt:
+        raise OptionError("fmt", fmt, f"contradicts the output name '{display_path(output or '')}', which is a "
+                          f"{named} file", "drop {option} (the extension chooses) or change the -o name")
+    return fmt
+
+
+def html_report(kind: str) -> Callable[[list[dict]], str]:
+    """The HTML report renderer for `kind` records ('classify', 'eval'): report.py's `render_html(kind, records)`.
+
+    report.py is the one module that writes HTML; until it exists, -o NAME.html is a UsageError."""
+    if importlib.util.find_spec("clipcli.report") is None:
+        raise UsageError("HTML reports are not available yet; write -o NAME.json, .jsonl or .csv instead")
+    report = importlib.import_module("clipcli.report")
+    return functools.partial(report.render_html, kind)
+
+
+# ---------------------------------------------------------------------------------------------- rows of records
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one command's records look in each format. json/jsonl write each record dict as it is.
+
+    csv_columns: the CSV header (fixed; a failure row fills `path` and `error`, so both should be among them).
+    csv_cells:   a record -> its CSV cells by column name (missing columns are empty); default: the record.
+    table:       (records, width, color) -> the table's text; width None means one line per row however long
+                 (files and pipes), a number the terminal's width to fit. Without it the format is refused.
+    html:        records -> a whole HTML document (see html_report); None: no report for this command."""
+
+    csv_columns: tuple[str, ...]
+    csv_cells: Callable[[dict], dict[str, object]] = dict
+    table: Callable[[list[dict], int | None, bool], str] | None = None
+    html: Callable[[list[dict]], str] | None = None
+
+
+class RowWriter:
+    """Writes a command's records (dicts) in one format to stdout or to a file, a batch at a time.
+
+    Any command with results per input uses it the same way (classify; search, duplicates, eval and
+    organize --dry-run with their own Layout)::
+
+        with RowWriter(output, "jsonl", layout) as rows:   # output None or "-": stdout
+            for batch in work:
+                rows.write([{"path": ..., ...}, {"path": ..., "error": "reason"}])
+
+    A record with an "error" key is a failure row: {"path": ..., "error": reason}; json/jsonl write it as it is,
+    csv fills the path and error columns. jsonl, csv and json rows go out as each batch is written: to stdout (or
+    a pipe, /dev/stdout) flushed per batch, so `| head -1` prints within seconds; to a file through a temp file
+    beside it, renamed into place when the `with` block ends without error (complete or absent, never half
+    written). The table and the HTML report need every row, so they are written at the end. Nothing is written
+    before the first batch, so a usage error found before it leaves stdout empty."""
+
+    def __init__(self, target: Path | str | None, fmt: str, layout: Layout) -> None:
+        if fmt not in (*FORMATS, "html"):
+            raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+        if (fmt == "table" and layout.table is None) or (fmt == "html" and layout.html is None):
+            raise OptionError("fmt", fmt, "is not available for this command", "choose another {option}")
+        self.fmt, self.layout = fmt, layout
+        self.target = None if target is None or str(target) == "-" else Path(target)
+        self._to_stdout = self.target is None
+        self._stream = self._to_stdout or is_stream(self.target)  # type: ignore[arg-type]
+        self._handle: IO | None = None
+        self._temp: str | None = None
+        self._held: list[dict] = []  # table and html: every record, written at the end
+        self._count = 0
+        self._started = False
+        if not self._stream:
+            assert self.target is not None
+            final = resolved_path(self.target)
+            try:
+                fd, self._temp = tempfile.mkstemp(prefix=temp_prefix(final), suffix=".part", dir=folder_of(final))
+                os.chmod(self._temp, new_file_mode(final))  # mkstemp makes it private; give it what open() would
+            except OSError as err:
+                raise write_error(self.target, err) from None
+            self._handle = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, records: Sequence[dict]) -> None:
+        """Write one batch of records (in order); flushed when going to a stream."""
+        if self.fmt in ("table", "html"):
+            self._held.extend(records)
+        elif records:
+            self._emit("".join(self._encode(record) for record in records))
+
+    def close(self) -> None:
+        """Finish: the table or report, the json list's end or an empty CSV's header; rename a file into place."""
+        if self.fmt == "table":
+            assert self.layout.table is not None
+            terminal = self._to_stdout and sys.stdout.isatty()
+            width = shutil.get_terminal_size().columns if terminal else None
+            self._emit(self.layout.table(self._held, width, terminal and "NO_COLOR" not in os.environ))
+        elif self.fmt == "html":
+            assert self.layout.html is not None
+            self._emit(self.layout.html(self._held))
+        elif self.fmt == "json":
+            self._emit("[]\n" if self._count == 0 else "\n]\n")
+        elif self.fmt == "csv" and not self._started:
+            self._emit("")  # the header alone
+        if self._handle is not None and self._temp is not None:
+            assert self.target is not None
+            try:
+                finish_file(self._handle)
+                os.replace(self._temp, resolved_path(self.target))
+            except OSError as err:
+                self.abort()
+                raise write_error(self.target, err) from None
+            self._temp = None
+        elif self._handle is not None:
+            self._handle.close()
+        self._handle = None
+
+    def abort(self) -> None:
+        """Stop: a file target keeps what it held before (the temp file is removed); a stream keeps what it got."""
+        if self._handle is not None:
+            try:
+                self._handle.close()
+            except OSError:
+                pass  # a pipe whose reader left: nothing more to say to it
+            self._handle = None
+        if self._temp is not None:
+            remove_file(self._temp)
+            self._temp = None
+
+    # ------------------------------------------------------------------------------------------ encoding
+
+    def _encode(self, record: dict) -> str:
+        if self.fmt == "jsonl":
+            return _json(record) + "\n"
+        if self.fmt == "json":
+            item = "  " + _json(record, indent=2).replace("\n", "\n  ")  # as json.dumps(list, indent=2) writes
+            first, self._count = self._count == 0, self._count + 1
+            return ("[\n" if first else ",\n") + item
+        cells = record if "error" in record else self.layout.csv_cells(record)
+        return _csv_line([cells.get(column, "") for column in self.layout.csv_columns])
+
+    def _emit(self, text: str) -> None:
+        if not self._started:
+            self._started = True
+            if self.fmt == "csv":
+                text = _csv_line(list(self.layout.csv_columns)) + text
+        if not text:
+            return
+        try:
+            if self._to_stdout:
+                from clipcli.process import write_stdout
+
+                write_stdout(text)
+                return
+            if self._handle is None:  # a stream (pipe, /dev/stdout): opened at the first output, appended to
+                assert self.target is not None
+                self._handle = open(  # noqa: SIM115 (kept open across batches; closed by close() or abort())
+                    self.target, "a", encoding="utf-8", errors="surrogateescape", newline="")
+            self._handle.write(text)
+            if self._stream:
+                self._handle.flush()
+        except BrokenPipeError:
+            raise  # whoever read the stream has stopped (`| head`): not a disk problem; the CLI exits quietly
+        except OSError as err:
+            raise write_error(self.target or Path("-"), err) from None
+
+
+def _csv_line(cells: Sequence[object]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(["" if cell is None else cell for cell in cells])
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- classify's rows
+
+
+CSV_COLUMNS = ("path", "label", "score")  # then one column per label, then "error"
+
+
+def classify_records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[dict]:
     """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label."""
     out = []
     for path, row in zip(paths, probs, strict=True):
@@ -42,35 +238,122 @@ def records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_
     return out
 
 
-CSV_COLUMNS = ("path", "label", "score")  # before one column per label
+def failure_record(path: str, reason: str) -> dict:
+    """The row of an input that failed: {"path": ..., "error": reason}."""
+    return {"path": display_path(path), "error": reason}
 
 
 def check_labels_for(fmt: str, labels: Sequence[str]) -> None:
     """UsageError when a label would share its CSV column name with a fixed column, so that a reader by header
     name could not tell them apart."""
-    clash = next((label for label in labels if label in CSV_COLUMNS), None) if fmt == "csv" else None
+    fixed = (*CSV_COLUMNS, "error")
+    clash = next((label for label in labels if label in fixed), None) if fmt == "csv" else None
     if clash is not None:
-        raise OptionError("labels", clash, f"is also the name of a fixed CSV column ({', '.join(CSV_COLUMNS)})",
+        raise OptionError("labels", clash, f"is also the name of a fixed CSV column ({', '.join(fixed)})",
                           f"rename it (e.g. 'a {clash}') or use --format json or jsonl")
 
 
-def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = False) -> str:
-    """Classification records as text in `fmt` (table, csv, json or jsonl)."""
-    if fmt == "jsonl":
-        return "".join(_json(r) + "\n" for r in rows)
-    if fmt == "json":
-        return _json(rows, indent=2) + "\n"
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow([*CSV_COLUMNS, *labels])
-        for r in rows:
-            scores = (f"{r['scores'][label]:.6g}" for label in labels)
-            writer.writerow([r["path"], r["label"], f"{r['score']:.6g}", *scores])
-        return buffer.getvalue()
-    if fmt == "table":
-        return _table(rows, color)
-    raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+def classify_layout(labels: Sequence[str]) -> Layout:
+    """classify's rows: csv path,label,score,<one column per label>,error; the table shows the top-k labels."""
+
+    def cells(record: dict) -> dict[str, object]:
+        scores = {label: f"{p:.6g}" for label, p in record["scores"].items()}
+        return {"path": record["path"], "label": record["label"], "score": f"{record['score']:.6g}", **scores}
+
+    return Layout(csv_columns=(*CSV_COLUMNS, *labels, "error"), csv_cells=cells, table=classify_table)
+
+
+def classify_table(records: list[dict], width: int | None, color: bool) -> str:
+    """The table people read: path, then the top-k labels with their percentages (failures are on stderr)."""
+    rows = [r for r in records if "error" not in r]
+    ranks = max((len(r["top"]) for r in rows), default=1)
+    header = ["path", "top label", *(f"#{rank + 1}" for rank in range(1, ranks))]
+    cells = [[r["path"], *(f"{t['label']} {100 * t['score']:.1f}%" for t in r["top"])] for r in rows]
+    return table_text(header, cells, width, shorten=0, droppable_from=2, emphasis=1 if color else None, color=color)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def table_text(header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None, *, shorten: int = 0,
+               droppable_from: int | None = None, emphasis: int | None = None, color: bool = False) -> str:
+    """Rows as aligned columns two spaces apart under a header, exactly one line per row (no cell can hold a line
+    break: control characters are escaped).
+
+    width None: every column as wide as its widest cell (files and pipes: grep, sort and wc -l see one row per
+    line). With a width (a terminal's): columns from `droppable_from` on are dropped from the right while the rest
+    would not fit with column `shorten` at a readable width, then that column's cells are cut in the middle with
+    '…' (the end of a path, its file name, is kept longest), and any line still too wide is cut at the width.
+    `emphasis` (a column) and the header are bold when `color`."""
+    from rich.cells import cell_len
+
+    grid = [[display_line(c) for c in header], *([display_line(c) for c in row] for row in rows)]
+    count = len(grid[0])
+    widths = [max((cell_len(row[i]) for row in grid if i < len(row)), default=0) for i in range(count)]
+    if width is not None:
+        readable = min(widths[shorten], max(24, width * 2 // 5))
+        keep = count
+        while droppable_from is not None and keep > droppable_from and (
+                sum(widths[:keep]) - widths[shorten] + readable + 2 * (keep - 1) > width):
+            keep -= 1
+        widths = widths[:keep]
+        room = width - (sum(widths) - widths[shorten]) - 2 * (keep - 1)
+        widths[shorten] = max(min(widths[shorten], room), min(widths[shorten], 8))
+        grid = [row[:keep] for row in grid]
+        for row in grid:
+            if shorten < len(row):
+                row[shorten] = shorten_middle(row[shorten], widths[shorten])
+    lines = []
+    for number, row in enumerate(grid):
+        parts = []
+        for i, cell in enumerate(row):
+            padded = cell + " " * (widths[i] - cell_len(cell)) if i < len(row) - 1 else cell
+            if color and (number == 0 or i == emphasis):
+                padded = f"\x1b[1m{cell}\x1b[0m" + padded[len(cell):]
+            parts.append(padded)
+        line = "  ".join(parts).rstrip(" ")
+        if width is not None and cell_len(_plain(line)) > width:
+            line = _cut_end(_plain(line), width)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """`text` in at most `width` terminal cells: the middle replaced by '…', keeping more of the end than the start."""
+    from rich.cells import cell_len
+
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    budget = width - 1
+    head_budget = budget * 2 // 5
+    head, used = "", 0
+    for char in text:
+        if used + cell_len(char) > head_budget:
+            break
+        head, used = head + char, used + cell_len(char)
+    tail, used = "", 0
+    for char in reversed(text):
+        if used + cell_len(char) > budget - cell_len(head):
+            break
+        tail, used = char + tail, used + cell_len(char)
+    return f"{head}…{tail}"
+
+
+def _cut_end(text: str, width: int) -> str:
+    from rich.cells import cell_len
+
+    out, used = "", 0
+    for char in text:
+        if used + cell_len(char) > width - 1:
+            break
+        out, used = out + char, used + cell_len(char)
+    return out + "…"
+
+
+def _plain(line: str) -> str:
+    return line.replace("\x1b[1m", "").replace("\x1b[0m", "")
 
 
 # Line breaks that JSON leaves unescaped but str.splitlines() and many line readers split on (NEL, LS, PS):
@@ -80,26 +363,6 @@ _JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 def _json(value: object, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent).translate(_JSON_LINE_BREAKS)
-
-
-def _table(rows: list[dict], color: bool) -> str:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(show_edge=False, header_style="bold" if color else "")
-    table.add_column("path", overflow="fold")
-    width = max((len(r["top"]) for r in rows), default=1)
-    for rank in range(width):
-        table.add_column("top label" if rank == 0 else f"#{rank + 1}")
-    for r in rows:
-        cells = [Text(f"{t['label']} {100 * t['score']:.1f}%", style="bold" if i == 0 and color else "")
-                 for i, t in enumerate(r["top"])]
-        table.add_row(Text(r["path"]), *cells)
-    buffer = io.StringIO()
-    Console(file=buffer, width=max(80, min(200, 30 + 24 * width)), color_system="auto" if color else None,
-            force_terminal=color, highlight=False).print(table)
-    return buffer.getvalue()
 
 
 def check_writable(path: Path, stream_ok: bool = True) -> None:
@@ -113,7 +376,7 @@ def check_writable(path: Path, stream_ok: bool = True) -> None:
         if not stream_ok:
             raise UsageError(f"output '{path}' is not a regular file; give a file name")
         return
-    folder = folder_of(_resolved(path))
+    folder = folder_of(resolved_path(path))
     if not folder.exists():
         raise UsageError(f"output folder '{folder}' does not exist; create it first")
     if not folder.is_dir():
@@ -157,77 +420,12 @@ def write_text(path: Path, text: str) -> None:
             with open(path, "a", encoding="utf-8", errors="surrogateescape", newline="") as handle:
                 handle.write(text)
             return
-        with atomic_file(_resolved(Path(path))) as handle:
+        with atomic_file(resolved_path(Path(path))) as handle:
             handle.write(text)
     except BrokenPipeError:
         raise  # whoever read the stream has stopped (`| head`): not a disk problem; the CLI exits quietly
     except OSError as err:
-        raise _write_error(path, err) from None
-
-
-def sidecar_path(npy: Path) -> Path:
-    """emb.npy -> emb.paths.txt beside it."""
-    npy = Path(npy)
-    return npy.with_name((npy.name[:-4] if npy.name.lower().endswith(".npy") else npy.name) + ".paths.txt")
-
-
-class EmbeddingWriter:
-    """Streams float32 rows to disk, then writes `<name>.npy` (N, D) and `<name>.paths.txt` atomically.
-
-    Rows go to a temp file as they come, so memory stays flat; the .npy appears only when close() finishes.
-    Disk errors (full, read-only) are UsageErrors: nothing is written, and the command says why."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = _resolved(Path(path))
-        self.sidecar = _resolved(sidecar_path(Path(path)))  # beside the name given, wherever a link points
-        try:
-            fd, self._rows_file = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".rows",
-                                                   dir=folder_of(self.path))
-        except OSError as err:
-            raise _write_error(self.path, err) from None
-        self._rows = os.fdopen(fd, "wb")
-        self._names: list[str] = []
-        self._width: int | None = None
-
-    def add(self, names: Sequence[str], rows: np.ndarray) -> None:
-        """Append (B, D) rows, one per name."""
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if self._width is None:
-            self._width = rows.shape[1]
-        try:
-            self._rows.write(rows.tobytes())
-        except OSError as err:
-            raise _write_error(self.path, err) from None
-        self._names.extend(names)
-
-    def close(self, width: int) -> None:
-        """Finish: write the .npy (header + rows) and the sidecar to temp files, then rename both into place."""
-        count, width = len(self._names), self._width or width
-        sidecar = self.sidecar
-        try:
-            self._rows.close()
-            # Both files are complete on disk before either is renamed, and the .npy is renamed last: a new .npy
-            # never stands beside an old sidecar, and an interruption before the renames leaves the old pair.
-            with temp_file(sidecar, "w") as (names, names_temp), temp_file(self.path, "wb") as (array, array_temp):
-                names.write("".join(_sidecar_line(name) + "\n" for name in self._names))
-                finish_file(names)
-                np.lib.format.write_array_header_1_0(
-                    array, {"descr": "<f4", "fortran_order": False, "shape": (count, width)})
-                with open(self._rows_file, "rb") as rows:
-                    while chunk := rows.read(1 << 20):
-                        array.write(chunk)
-                finish_file(array)
-                os.replace(names_temp, sidecar)
-                os.replace(array_temp, self.path)
-        except OSError as err:
-            raise _write_error(self.path, err) from None
-        finally:
-            remove_file(self._rows_file)
-
-    def abort(self) -> None:
-        """Drop everything written so far; nothing appears at the target paths."""
-        self._rows.close()
-        remove_file(self._rows_file)
+        raise write_error(path, err) from None
 
 
 def is_stream(path: Path) -> bool:
@@ -254,23 +452,14 @@ def is_stream(path: Path) -> bool:
     return False
 
 
-def _resolved(path: Path) -> Path:
-    # Through a symbolic link to the file it names: renaming onto the link would replace the link, not the file.
+def resolved_path(path: Path) -> Path:
+    """Through a symbolic link to the file it names: renaming onto the link would replace the link, not the file."""
     return Path(os.path.realpath(path)) if os.path.islink(path) else path
 
 
-def _write_error(path: Path, err: OSError) -> UsageError:
+def write_error(path: Path, err: OSError) -> UsageError:
+    """A failed write as a UsageError naming the file: nothing was written, and the command says why."""
     return UsageError(f"cannot write '{path}': {os_reason(err)}; check the disk and the folder")
-
-
-# Every character str.splitlines() breaks at, so that any line reader gets one sidecar line per row.
-_SIDECAR_BREAKS = {ord("\n"): "\\n", ord("\r"): "\\r", 0x0B: "\\x0b", 0x0C: "\\x0c", 0x1C: "\\x1c",
-                   0x1D: "\\x1d", 0x1E: "\\x1e", 0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-
-
-def _sidecar_line(name: str) -> str:
-    # A path or text holding a line break would shift every later line of the sidecar: write it as "\n".
-    return name.translate(_SIDECAR_BREAKS)
 
 
 def display_path(path: str) -> str:

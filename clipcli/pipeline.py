@@ -173,6 +173,26 @@ class Session:
         self._dtype = next(name for name, value in DTYPE_NAMES.items() if value == chosen)
 
     @property
+    def precision(self) -> str:
+        """fp32, fp16 or bf16: what the image tower runs in (found without torch where the answer allows)."""
+        self._resolve_device()
+        assert self._dtype is not None
+        return self._dtype
+
+    def model_fingerprint(self) -> str:
+        """The model's content fingerprint (index.model_fingerprint): the index's when there is one, else the model
+        files are hashed now."""
+        if self.fingerprint is not None:
+            return self.fingerprint
+        from clipcli.index import model_fingerprint
+
+        try:
+            return model_fingerprint(self.files)
+        except OSError as err:
+            raise UsageError(f"cannot read the model files of '{self.files.spec}' ({os_reason(err)}); check "
+                             "their permissions") from None
+
+    @property
     def variant(self) -> Variant | None:
         """The key of this run's image features in the index (None without an index)."""
         if self.fingerprint is None:

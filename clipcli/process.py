@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 from typer import _click as click
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from clipcli.errors import InputError, OptionError, UsageError
 
@@ -24,7 +24,8 @@ EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143
 # The flag behind each library parameter name, for OptionError messages.
 FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch-size", "workers": "--workers",
          "hidden_act": "--activation", "force": "--force", "labels": "--labels", "templates": "--template",
-         "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k"}
+         "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k", "exclude": "--exclude",
+         "files_from": "--files-from", "max_megapixels": "--max-megapixels"}
 
 
 def eprint(message: str) -> None:
@@ -54,7 +55,8 @@ class OneLineErrors(TyperGroup):
             sys.exit(err.exit_code)
         except click.exceptions.UsageError as err:
             where = f"; see '{err.ctx.command_path} --help'" if err.ctx is not None else ""
-            eprint(f"error: {' '.join(err.format_message().split()).rstrip('.')}{where}")
+            message = bad_value_message(err) if isinstance(err, click.exceptions.BadParameter) else None
+            eprint(f"error: {message or ' '.join(err.format_message().split()).rstrip('.')}{where}")
             sys.exit(err.exit_code)
         except click.exceptions.ClickException as err:
             err.show()
@@ -63,6 +65,48 @@ class OneLineErrors(TyperGroup):
             eprint("aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+class ClipCommand(TyperCommand):
+    """A command whose --help names values, not Python types: Typer would show `PATH <list[str]>` for an argument
+    (options say what they take through their metavar, e.g. `--dtype [auto|fp32|fp16|bf16]`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "param_type_name", "") == "argument" and param.metavar:
+                setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010 (an instance's method)
+
+
+def bad_value_message(err: click.exceptions.BadParameter) -> str | None:
+    """A rejected option value in plain words, with the choices where there are some: "--format 'yaml' is not one
+    of table, csv, json, jsonl". None when the error is not about one value."""
+    param = err.param
+    if param is None or isinstance(err, click.exceptions.MissingParameter):
+        return None
+    options = [opt for opt in getattr(param, "opts", []) if opt.startswith("-")]
+    name = max(options, key=len) if options else (param.metavar or param.name or "value").rstrip(".")
+    details = getattr(err.__cause__, "errors", None)  # Typer's pydantic validation: the value and what was wrong
+    first = details()[0] if callable(details) and details() else {}
+    value, kind, limits = first.get("input"), first.get("type", ""), first.get("ctx") or {}
+    descriptor = getattr(param, "type_descriptor", None)  # newer Typer; older ones use click's Choice type
+    listed = descriptor.choices if descriptor is not None and descriptor.is_choice else getattr(
+        getattr(param, "type", None), "choices", None)
+    choices = [getattr(choice, "value", choice) for choice in listed or ()]
+    shown = f"{name} '{value}'" if value is not None else name
+    if choices:
+        return f"{shown} is not one of the choices; use one of {', '.join(map(str, choices))}"
+    if kind == "int_parsing" or kind == "int_from_float":
+        return f"{shown} is not a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return f"{shown} is not a number"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bound = next(iter(limits.values()), None)
+        words = {"greater_than_equal": "at least", "greater_than": "more than", "less_than_equal": "at most",
+                 "less_than": "less than"}[kind]
+        return f"{shown} is out of range; it must be {words} {bound}"
+    text = " ".join(str(err.message).split()).rstrip(".").removeprefix("Value error, ")
+    return f"{shown}: {text[:1].lower()}{text[1:]}"
 
 
 class Terminated(BaseException):
