@@ -486,7 +486,7 @@ def info(
     shown = {**facts, "parameters": f"{facts['parameters']:,}",
              "image_size": f"{vision.image_size}x{vision.image_size}"}
     names = {"embedding_dim": "embedding dim", "image_size": "image size", "context_length": "context length",
-             "vocab_size": "vocab size", "dtype": "dtype (stored)", "compute_dtype": "compute dtype"}
+             "vocab_size": "vocab size", "compute_dtype": "compute dtype"}  # dtype: as the weights are stored
     write_stdout("".join(f"{names.get(key, key) + ':':<16}{value}\n" for key, value in shown.items()))
 
 

@@ -282,8 +282,8 @@ def table_text(header: Sequence[str], rows: Sequence[Sequence[str]], width: int 
 
     width None: every column as wide as its widest cell (files and pipes: grep, sort and wc -l see one row per
     line). With a width (a terminal's): columns from `droppable_from` on are dropped from the right while the rest
-    would not fit with column `shorten` at a readable width, then that column's cells are cut in the middle with
-    '…' (the end of a path, its file name, is kept longest), and any line still too wide is cut at the width.
+    would not fit with column `shorten` at half the width, then that column's cells are cut in the middle with '…'
+    (the end of a path, its file name, is kept longest), and any line still too wide is cut at the width.
     `emphasis` (a column) and the header are bold when `color`."""
     from rich.cells import cell_len
 
@@ -291,7 +291,7 @@ def table_text(header: Sequence[str], rows: Sequence[Sequence[str]], width: int 
     count = len(grid[0])
     widths = [max((cell_len(row[i]) for row in grid if i < len(row)), default=0) for i in range(count)]
     if width is not None:
-        readable = min(widths[shorten], max(24, width * 2 // 5))
+        readable = min(widths[shorten], max(24, width // 2))
         keep = count
         while droppable_from is not None and keep > droppable_from and (
                 sum(widths[:keep]) - widths[shorten] + readable + 2 * (keep - 1) > width):
@@ -319,7 +319,8 @@ def table_text(header: Sequence[str], rows: Sequence[Sequence[str]], width: int 
 
 
 def shorten_middle(text: str, width: int) -> str:
-    """`text` in at most `width` terminal cells: the middle replaced by '…', keeping more of the end than the start."""
+    """`text` in at most `width` terminal cells: the middle replaced by '…', keeping three times more of the end (a
+    path's file name) than of the start."""
     from rich.cells import cell_len
 
     if cell_len(text) <= width:
@@ -327,7 +328,7 @@ def shorten_middle(text: str, width: int) -> str:
     if width <= 1:
         return "…"[:width]
     budget = width - 1
-    head_budget = budget * 2 // 5
+    head_budget = budget // 4
     head, used = "", 0
     for char in text:
         if used + cell_len(char) > head_budget:

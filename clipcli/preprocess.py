@@ -413,9 +413,8 @@ def set_max_megapixels(megapixels: float | None) -> None:
 
 def _too_large(pixels: int | None) -> str:
     """The reason for an image beyond Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, process-wide)."""
-    limit = Image.MAX_IMAGE_PIXELS or 0
-    size = f"{pixels / 1e6:.1f} megapixels, " if pixels else ""
-    return (f"image too large ({size}limit {limit / 1e6:.1f}); if you trust it, raise the limit "
+    size = f"{pixels:,} pixels, " if pixels else ""
+    return (f"image too large ({size}limit {Image.MAX_IMAGE_PIXELS or 0:,}); if you trust it, raise the limit "
             "(--max-megapixels)")
 
 
