@@ -180,6 +180,15 @@ def classify(
                 rows.append(batch.scores)
                 failures.extend(batch.failures)
     scores = np.concatenate(rows) if rows else np.zeros((0, len(label_list)), dtype=np.float32)
+    if output is not None and _is_report(output):
+        from clipcli import report
+
+        with out.progress_bar(len(found), quiet) as advance:
+            report.write_classify_report(output, found, scores, label_list, top_k=top_k, model=model,
+                                         templates=prompt_templates, failures=failures, workers=workers,
+                                         progress=advance)
+        _finish(failures)
+        return
     text = out.render(out.records(found, scores, label_list, top_k), label_list, fmt.value,
                       color=output is None and fmt is Format.table and sys.stdout.isatty())
     if output is None:
@@ -336,6 +345,91 @@ def index_command(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
+class EvalFormat(str, Enum):
+    """clip eval's --format values (output.EVAL_FORMATS)."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    dataset: Annotated[str, typer.Argument(
+        metavar="DATASET", help="A folder with one subfolder of images per class (the folder name is the label).",
+        show_default=False)],
+    class_names: Annotated[Path | None, typer.Option(
+        "--class-names", help="File of 'folder<TAB>label' lines giving classes their label text (- reads stdin).",
+        show_default=False)] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", "-t",
+        help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
+    templates: Annotated[str | None, typer.Option(help="A named template set: imagenet (the CLIP paper's 80).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image in an HTML report.")] = 5,
+    fmt: Annotated[EvalFormat, typer.Option(
+        "--format", "-f", help="table for people; csv or json for programs.")] = EvalFormat.table,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write results here (default stdout); NAME.html writes a report to open in a browser.")
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure zero-shot accuracy on a labelled folder: acc1, acc5, mean per-class recall, confusion matrix.
+
+    Examples:
+
+      clip eval sorted-photos/
+
+      clip eval sorted-photos/ --templates imagenet -f json
+
+      clip eval sorted-photos/ --class-names names.tsv -o eval.html
+    """
+    from clipcli import evaluate
+    from clipcli import output as out
+
+    prompt_templates = _templates(template, templates)
+    names = evaluate.parse_class_names(_read_lines(class_names, "--class-names")) if class_names else None
+    output = None if output is None or str(output) == "-" else output
+    if output is not None:
+        out.check_writable(output)
+    data = evaluate.find_dataset(dataset, names)
+    if data.stray:
+        warn(f"{len(data.stray)} image(s) directly in '{dataset}' belong to no class folder and were left out")
+    _warn_if_no_images(data.paths, data.failures)
+    if output is not None:
+        out.check_not_an_input([output], data.paths)
+    with (_session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session,
+          out.progress_bar(len(data.paths), quiet) as advance):
+        result = evaluate.evaluate(session, data, prompt_templates, progress=advance)
+        context = session.info.context_length if result.truncated else 0
+    for label in result.truncated:
+        warn(f"label '{label}' is longer than the model's {context}-token context and was truncated")
+    if output is not None and _is_report(output):
+        from clipcli import report
+
+        with out.progress_bar(len(result.paths), quiet) as advance:
+            report.write_eval_report(output, result, top_k=top_k, model=model, templates=prompt_templates,
+                                     workers=workers, progress=advance)
+    else:
+        summary = {**result.metrics.to_json(),
+                   "errors": [{"path": out.display_path(f.path), "error": f.reason} for f in result.failures]}
+        text = out.render_eval(summary, fmt.value)
+        if output is None:
+            write_stdout(text)
+        else:
+            out.write_text(output, text)
+    _finish(result.failures)
+
+
 @app.command("convert-weights")
 @handle_errors
 def convert_weights(
@@ -459,6 +553,11 @@ def _warn_if_no_images(images: list[str], failures: list) -> None:
 
         warn("no images found; images are recognised by extension ("
              + " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)) + ")")
+
+
+def _is_report(output: Path) -> bool:
+    """-o NAME.html (any case) writes an HTML report instead of text."""
+    return output.suffix.lower() == ".html"
 
 
 def _finish(failures: list[Failure]) -> None:

@@ -330,3 +330,77 @@ def render_index_summary(summary: Summary) -> str:
         lines.append(f"{model.name} [{model.fingerprint[:12]}]  {precision}: {model.images:,} images, "
                      f"{model.prompts:,} prompts")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- clip eval
+
+EVAL_FORMATS = ("table", "csv", "json")
+
+
+def render_eval(summary: dict, fmt: str) -> str:
+    """`clip eval`'s result (evaluate.Metrics.to_json() plus "errors") as text in `fmt` (table, csv or json).
+
+    csv: one row per true class (label, images, recall, precision) and its confusion-matrix row as one
+    `predicted:<label>` column per label; an undefined figure is an empty cell (json: null; table: -)."""
+    labels: list[str] = summary["labels"]
+    if fmt == "json":
+        # Indented, with each confusion-matrix row on one line so that the matrix reads as one.
+        marker = "\0confusion\0"
+        rows = ",\n".join("    " + _json(row) for row in summary["confusion_matrix"])
+        text = _json({**summary, "confusion_matrix": marker}, indent=2)
+        matrix = f"[\n{rows}\n  ]" if rows else "[]"
+        return text.replace(f'"confusion_matrix": {_json(marker)}', f'"confusion_matrix": {matrix}', 1) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["label", "images", "recall", "precision", *(f"predicted:{label}" for label in labels)])
+        for label, row in zip(labels, summary["confusion_matrix"], strict=True):
+            writer.writerow([label, summary["support"][label], _figure(summary["per_class_recall"][label], ""),
+                             _figure(summary["per_class_precision"][label], ""), *row])
+        return buffer.getvalue()
+    if fmt == "table":
+        return _eval_table(summary)
+    raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(EVAL_FORMATS)}")
+
+
+def _figure(value: float | None, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.4f}"
+
+
+def _eval_table(summary: dict) -> str:
+    """Metrics, then one line per class, then the confusion matrix (classes numbered) when it fits in 30 columns.
+    Every row is one line: labels have line breaks and control characters escaped and are cut at 40 characters."""
+    labels: list[str] = summary["labels"]
+    shown = [_cut(display_line(label), 40) for label in labels]
+    with_images = sum(1 for label in labels if summary["support"][label])
+    lines = [
+        f"{'images':<23}{summary['n']} in {len(labels)} classes",
+        f"{'acc1':<23}{_figure(summary['acc1'])}",
+        f"{'acc5':<23}{_figure(summary['acc5'])}" + ("  (needs at least 5 classes)" if len(labels) < 5 else ""),
+        f"{'mean_per_class_recall':<23}{_figure(summary['mean_per_class_recall'])}"
+        f"  (over the {with_images} classes with images)",
+        "",
+    ]
+    width = max([5, *(len(label) for label in shown)])
+    lines.append(f"{'class':<{width}}  {'images':>6}  {'recall':>6}  {'precision':>9}")
+    for label, name in zip(labels, shown, strict=True):
+        lines.append(f"{name:<{width}}  {summary['support'][label]:>6}  "
+                     f"{_figure(summary['per_class_recall'][label]):>6}  "
+                     f"{_figure(summary['per_class_precision'][label]):>9}")
+    lines.append("")
+    matrix = summary["confusion_matrix"]
+    if len(labels) > 30:
+        lines.append(f"confusion matrix: {len(labels)} x {len(labels)}, too wide for a table; see --format json "
+                     "or --output report.html")
+        return "\n".join(lines) + "\n"
+    cell = max([len(str(len(labels))), *(len(str(value)) for row in matrix for value in row)]) + 1
+    lead = len(str(len(labels))) + 1 + width
+    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    lines.append(" " * lead + "".join(f"{number:>{cell}}" for number in range(1, len(labels) + 1)))
+    for number, (name, row) in enumerate(zip(shown, matrix, strict=True), 1):
+        lines.append(f"{number:>{len(str(len(labels)))}} {name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
