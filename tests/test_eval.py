@@ -321,3 +321,25 @@ def test_three_template_sets_cost_the_model_one_pass(tiny_model_dir, dataset, tm
         np.testing.assert_allclose(rerun.scores, results[1].scores, atol=1e-6)
     finally:
         index.close()
+
+
+def test_a_run_answered_from_the_index_imports_no_torch(tiny_model_dir, dataset, tmp_path):
+    # The second run finds every image and prompt in the index: metrics and the HTML report need no model.
+    import subprocess
+    import sys
+
+    index = tmp_path / "index.db"
+    args = ["eval", str(dataset.root), "--class-names", str(dataset.names_file), "-m", str(tiny_model_dir),
+            "--index", str(index), "-q"]
+    first = invoke(*args, "-f", "json")
+    assert first.exit_code == 0, first.stderr
+    script = ("import sys; from clipcli.cli import main; sys.argv = ['clip', *sys.argv[1:]]\n"
+              "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code\n"
+              "print('torch' in sys.modules, code, file=sys.stderr)")
+    for extra in (["-f", "json"], ["-o", str(tmp_path / "warm.html")]):
+        warm = subprocess.run([sys.executable, "-c", script, *args, *extra], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert warm.stderr.splitlines()[-1] == "False 0", warm.stderr
+        if extra[0] == "-f":
+            assert json.loads(warm.stdout) == json.loads(first.stdout)
+    assert (tmp_path / "warm.html").stat().st_size > 0
