@@ -465,12 +465,31 @@ def label_embeddings(session: Session, labels: Sequence[str], templates: Sequenc
                   [label for label in labels if label in cut])
 
 
-def classify(session: Session, paths: Sequence[str], labels: Labels, progress: Progress | None = None,
-             ) -> Iterator[ScoreBatch]:
-    """Batches of (B, L) label probabilities (softmax of logit_scale * cosine) in `paths` order."""
+def check_score(score: str, min_score: float | None = None) -> None:
+    """UsageError unless `score` is a score kind (scoring.SCORE_KINDS) and `min_score`, if given, a value such a
+    score can take (a probability threshold of 50 meant as a percentage would leave every image unlabelled)."""
+    if score not in scoring.SCORE_KINDS:
+        raise OptionError("score", score, "unknown score", f"use {{option}} {' or '.join(scoring.SCORE_KINDS)}")
+    if min_score is None:
+        return
+    low, high = scoring.score_range(score)
+    if not low <= min_score <= high:  # NaN included
+        what = "a probability" if score == "prob" else "a cosine"
+        raise OptionError("min_score", min_score, f"must be between {low:g} and {high:g} ({what}, --score {score})",
+                          f"e.g. {{option}} {0.5 if score == 'prob' else 0.25}")
+
+
+def classify(session: Session, paths: Sequence[str], labels: Labels, progress: Progress | None = None, *,
+             score: str = "prob") -> Iterator[ScoreBatch]:
+    """Batches of (B, L) float32 label scores in `paths` order: with `score` "prob" the probabilities over the labels
+    (softmax of logit_scale * cosine), with "cosine" each label's cosine similarity on its own."""
+    check_score(score)
     for batch in session.image_features(paths, progress):
-        yield ScoreBatch(batch.paths, scoring.probabilities(batch.features, labels.embeddings,
-                                                            session.info.logit_scale), batch.failures)
+        if score == "cosine":
+            scores = scoring.cosines(batch.features, labels.embeddings)
+        else:
+            scores = scoring.probabilities(batch.features, labels.embeddings, session.info.logit_scale)
+        yield ScoreBatch(batch.paths, scores, batch.failures)
 
 
 def embed_images(session: Session, paths: Sequence[str], *, normalized: bool = True,
