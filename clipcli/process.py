@@ -25,7 +25,7 @@ EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143
 FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch-size", "workers": "--workers",
          "hidden_act": "--activation", "force": "--force", "labels": "--labels", "templates": "--template",
          "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k", "score": "--score",
-         "min_score": "--min-score", "into": "--into"}
+         "min_score": "--min-score", "into": "--into", "undo": "--undo"}
 
 
 def eprint(message: str) -> None:
