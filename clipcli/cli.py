@@ -333,13 +333,16 @@ def index_command(
               out.progress_bar(len(images), quiet) as advance):
             counts = pipeline.index_images(session, images, progress=advance)
         failures.extend(counts.failures)
+        for failure in sorted(failures, key=lambda f: f.path):
+            eprint(f"{failure.path}: {failure.reason}")
         eprint(f"indexed {len(images)} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
                f"{counts.unchanged} unchanged, {len(failures)} failed")
-        _finish(failures)
+        if failures:
+            raise typer.Exit(EXIT_SOME_FAILED)
         return
     if not location.exists():
         raise UsageError(f"there is no index at {location} yet; `clip index PATH` or any classify/embed run makes it")
-    store = Index(location, warn)
+    store = Index(location, lambda message: None)  # a problem is this command's error, below
     try:
         if prune:
             pruned = store.prune()
@@ -354,8 +357,8 @@ def index_command(
                 write_stdout(out.render_index_summary(summary))
     finally:
         store.close()
-    if not store.usable:
-        raise typer.Exit(EXIT_SOME_FAILED)
+    if store.problem is not None:
+        raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
 
 
 @app.command()

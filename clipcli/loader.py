@@ -69,9 +69,12 @@ class Clip:
         # Stacked straight into page-locked memory on CUDA, so the copy to the GPU can run asynchronously.
         batch = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.float32, pin_memory=pinned)  # (B, 3, H, W)
         torch.stack([torch.from_numpy(p) for p in pixels], out=batch)
+        return self.batch_features(batch.to(device=self.device, non_blocking=pinned))
+
+    def batch_features(self, batch: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) float32 pixels on the model's device -> (B, D) float32 raw features, computed in `dtype`."""
         with torch.inference_mode(), self.image_precision():
-            features = self.model.encode_image(batch.to(device=self.device, non_blocking=pinned))
-        return features.float().cpu().numpy()
+            return self.model.encode_image(batch).float().cpu().numpy()
 
     def text_features(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """N texts -> (N, D) float32 raw projected features, computed in float32 whatever `dtype` (see place_model);

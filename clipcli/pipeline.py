@@ -42,6 +42,7 @@ class Settings:
     fast_decode: bool = False
     batch_size: int = 32
     workers: int | None = None  # decoding threads; None: one per CPU core
+    ahead: int | None = None  # stretches decoded during each model call; None: 0 on CPU, 2 on an accelerator
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -93,7 +94,8 @@ class Session:
     """One run's model and index. Resolves the model's files and fingerprint without torch, loads the model only
     when something must be computed, and reads and writes features through the index (None: no index)."""
 
-    def __init__(self, settings: Settings, index: Index | None = None) -> None:
+    def __init__(self, settings: Settings, index: Index | None = None, clip: Clip | None = None) -> None:
+        """`clip`: a model already loaded for `settings` (scripts that run many sessions on one model)."""
         self.settings = settings
         self.index = index if index is not None and index.usable else None
         self._files: ModelFiles | None = None
@@ -102,6 +104,8 @@ class Session:
         self._clip: Clip | None = None
         self._dtype: str | None = None
         self._device_type: str | None = None
+        if clip is not None:
+            self._use(clip)
         self.computed_images = 0  # images that went through the model in this session
         self.computed_texts = 0
 
@@ -145,17 +149,19 @@ class Session:
         if self._clip is None:
             from clipcli.loader import load_files
 
-            clip = load_files(self.files, device=self.settings.device, dtype=self.settings.dtype)
-            self._device_type, self._dtype = clip.device.type, clip.dtype_name
-            self._info = ModelInfo(clip.config.projection_dim, clip.logit_scale,
-                                   clip.config.text.max_position_embeddings)
-            if self.index is not None and self.fingerprint is not None:
-                self.index.add_model(self.fingerprint, self.settings.model, {
-                    "projection_dim": self._info.projection_dim, "logit_scale": self._info.logit_scale,
-                    "context_length": self._info.context_length, "image_size": clip.config.vision.image_size,
-                    "source": clip.source})
-            self._clip = clip
+            self._use(load_files(self.files, device=self.settings.device, dtype=self.settings.dtype))
+            assert self._clip is not None
         return self._clip
+
+    def _use(self, clip: Clip) -> None:
+        self._device_type, self._dtype = clip.device.type, clip.dtype_name
+        self._info = ModelInfo(clip.config.projection_dim, clip.logit_scale, clip.config.text.max_position_embeddings)
+        if self.index is not None and self.fingerprint is not None:
+            self.index.add_model(self.fingerprint, self.settings.model, {
+                "projection_dim": self._info.projection_dim, "logit_scale": self._info.logit_scale,
+                "context_length": self._info.context_length, "image_size": clip.config.vision.image_size,
+                "source": clip.source})
+        self._clip = clip
 
     def _resolve_device(self) -> None:
         """Device type and dtype name of the run, importing torch only when the answer depends on it."""
@@ -312,7 +318,7 @@ class Session:
         size = self.settings.batch_size
         chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
         self._resolve_device()
-        ahead = 0 if self._device_type == "cpu" else 2
+        ahead = self.settings.ahead if self.settings.ahead is not None else 0 if self._device_type == "cpu" else 2
         if ahead == 0:
             for chunk in chunks:
                 yield self._prepare(pool, chunk, known, variant)

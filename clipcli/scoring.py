@@ -25,7 +25,9 @@ def cosines(image_features: np.ndarray, label_embeddings: np.ndarray) -> np.ndar
     """(N, D) image features and (L, D) label embeddings -> (N, L) float32 cosine similarities."""
     if not len(image_features):  # a stretch of inputs that all failed
         return np.zeros((0, len(label_embeddings)), dtype=np.float32)
-    return (normalize(image_features) @ label_embeddings.T).astype(np.float32)
+    # np.dot, not @: for these shapes numpy's matmul measured 50x slower here (it bypasses BLAS for float32 with a
+    # transposed operand); the results are the same float32 sums.
+    return np.dot(normalize(image_features), label_embeddings.T).astype(np.float32, copy=False)
 
 
 def probabilities(image_features: np.ndarray, label_embeddings: np.ndarray, logit_scale: float) -> np.ndarray:
