@@ -137,7 +137,10 @@ def rename_no_replace(source: str, target: str) -> None:
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
             raise OSError(code, os.strerror(code), source, None, target)  # FileExistsError for EEXIST
     try:
-        os.link(source, target, follow_symlinks=False)
+        if os.link in os.supports_follow_symlinks:
+            os.link(source, target, follow_symlinks=False)  # a link is renamed as itself
+        else:
+            os.link(source, target)
     except OSError as err:
         if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
             raise
