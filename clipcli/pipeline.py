@@ -102,6 +102,7 @@ class Session:
         self._fingerprint: str | None = None
         self._info: ModelInfo | None = None
         self._clip: Clip | None = None
+        self._text_clip: Clip | None = None  # the text tower alone, while no image had to be computed
         self._dtype: str | None = None
         self._device_type: str | None = None
         if clip is not None:
@@ -139,7 +140,7 @@ class Session:
                 self._info = ModelInfo(int(recorded["projection_dim"]), float(recorded["logit_scale"]),
                                        int(recorded["context_length"]))
             else:
-                self.clip  # loading records it  # noqa: B018
+                self.text_clip  # loading records it  # noqa: B018
         assert self._info is not None
         return self._info
 
@@ -153,15 +154,33 @@ class Session:
             assert self._clip is not None
         return self._clip
 
+    @property
+    def text_clip(self) -> Clip:
+        """A model that can embed texts: the loaded model, else the text tower alone (loaded now)."""
+        if self._clip is not None:
+            return self._clip
+        if self._text_clip is None:
+            from clipcli.loader import load_files
+
+            self._text_clip = load_files(self.files, device=self.settings.device, dtype=self.settings.dtype,
+                                         text_only=True)
+            if self._info is None:
+                self._record(self._text_clip)
+        return self._text_clip
+
     def _use(self, clip: Clip) -> None:
         self._device_type, self._dtype = clip.device.type, clip.dtype_name
+        self._record(clip)
+        self._clip = clip
+
+    def _record(self, clip: Clip) -> None:
+        """Keep what runs without a model need to know of it, here and in the index."""
         self._info = ModelInfo(clip.config.projection_dim, clip.logit_scale, clip.config.text.max_position_embeddings)
         if self.index is not None and self.fingerprint is not None:
             self.index.add_model(self.fingerprint, self.settings.model, {
                 "projection_dim": self._info.projection_dim, "logit_scale": self._info.logit_scale,
                 "context_length": self._info.context_length, "image_size": clip.config.vision.image_size,
                 "source": clip.source})
-        self._clip = clip
 
     def _resolve_device(self) -> None:
         """Device type and dtype name of the run, importing torch only when the answer depends on it."""
@@ -195,7 +214,7 @@ class Session:
         found = self.index.text_features(self.fingerprint, unique) if self.index and self.fingerprint else {}
         missing = [text for text in unique if text not in found]
         if missing:
-            clip = self.clip
+            clip = self.text_clip
             features = clip.text_features(missing)
             self.computed_texts += len(missing)
             rows = [(text, row, clip.tokenizer.is_truncated(text)) for text, row in zip(missing, features, strict=True)]
