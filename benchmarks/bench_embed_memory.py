@@ -37,7 +37,7 @@ def main() -> None:
         for count, folder in folders.items():
             target = Path(out) / f"emb-{count}.npy"
             command = [sys.executable, "-m", "clipcli", "embed", str(folder), "-o", str(target), "-m", str(model_dir),
-                       "-q", "--device", "cpu"]
+                       "-q", "--device", "cpu", "--no-index"]
             runs = [run_measured(command) for _ in range(args.repeat)]
             rows = np.load(target, mmap_mode="r").shape[0]
             if rows != count:

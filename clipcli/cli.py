@@ -37,6 +37,7 @@ app = typer.Typer(
     "Examples:\n\n"
     "  clip classify photos/ --labels cat,dog,car\n\n"
     "  clip embed photos/ -o emb.npy\n\n"
+    "  clip organize photos/ --labels cat,dog --into sorted/\n\n"
     "  clip convert-weights ViT-B-32.pt converted/",
     rich_markup_mode=None,  # plain-text usage errors ending in one "Error: ..." line
     pretty_exceptions_enable=False,
@@ -94,6 +95,21 @@ class Format(str, Enum):
     jsonl = "jsonl"
 
 
+class Score(str, Enum):
+    """--score values (scoring.SCORE_KINDS)."""
+
+    prob = "prob"
+    cosine = "cosine"
+
+
+ScoreOpt = Annotated[Score, typer.Option(
+    "--score", help="prob: probabilities over the labels (softmax; they sum to 1); cosine: each label's cosine "
+    "similarity on its own (for one label, or 'none of these').")]
+MinScoreOpt = Annotated[float | None, typer.Option(
+    "--min-score", show_default=False,
+    help="Images whose top score is below this get no label (a probability 0-1, or a cosine with --score cosine).")]
+
+
 @contextmanager
 def _session(model: str, device: str, dtype: str, fast_decode: bool, batch_size: int, workers: int | None,
              index: Path | None, no_index: bool) -> Iterator[Session]:
@@ -132,6 +148,8 @@ def classify(
         "--format", "-f", help="table for people; csv, json or jsonl for programs.")] = Format.table,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write results here (default stdout; - is stdout too).")] = None,
+    score: ScoreOpt = Score.prob,
+    min_score: MinScoreOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
@@ -150,6 +168,8 @@ def classify(
       clip classify photos/ --labels cat,dog,car
 
       clip classify a.jpg b.png -l cat,dog --templates imagenet -f jsonl -o out.jsonl
+
+      clip classify photos/ -l "a cat" --score cosine --min-score 0.25
     """
     import numpy as np
 
@@ -160,6 +180,7 @@ def classify(
     label_list = _read_labels(labels, labels_file)
     out.check_labels_for(fmt.value, label_list)
     prompt_templates = _templates(template, templates)
+    pipeline.check_score(score.value, min_score)
     output = None if output is None or str(output) == "-" else output
     if output is not None:
         out.check_writable(output)
@@ -175,22 +196,23 @@ def classify(
         found: list[str] = []
         rows = []
         with out.progress_bar(len(images), quiet) as advance:
-            for batch in pipeline.classify(session, images, label_set, progress=advance):
+            for batch in pipeline.classify(session, images, label_set, progress=advance, score=score.value):
                 found.extend(batch.paths)
                 rows.append(batch.scores)
                 failures.extend(batch.failures)
+    _warn_if_one_label(label_list, score.value)
     scores = np.concatenate(rows) if rows else np.zeros((0, len(label_list)), dtype=np.float32)
     if output is not None and _is_report(output):
         from clipcli import report
 
         with out.progress_bar(len(found), quiet) as advance:
-            report.write_classify_report(output, found, scores, label_list, top_k=top_k, model=model,
-                                         templates=prompt_templates, failures=failures, workers=workers,
-                                         progress=advance)
+            report.write_classify_report(output, found, scores, label_list, top_k=top_k, threshold=min_score,
+                                         score=score.value, model=model, templates=prompt_templates,
+                                         failures=failures, workers=workers, progress=advance)
         _finish(failures)
         return
-    text = out.render(out.records(found, scores, label_list, top_k), label_list, fmt.value,
-                      color=output is None and fmt is Format.table and sys.stdout.isatty())
+    text = out.render(out.records(found, scores, label_list, top_k, min_score), label_list, fmt.value,
+                      color=output is None and fmt is Format.table and sys.stdout.isatty(), score=score.value)
     if output is None:
         write_stdout(text)
     else:
@@ -320,13 +342,16 @@ def index_command(
               out.progress_bar(len(images), quiet) as advance):
             counts = pipeline.index_images(session, images, progress=advance)
         failures.extend(counts.failures)
+        for failure in sorted(failures, key=lambda f: f.path):
+            eprint(f"{failure.path}: {failure.reason}")
         eprint(f"indexed {len(images)} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
                f"{counts.unchanged} unchanged, {len(failures)} failed")
-        _finish(failures)
+        if failures:
+            raise typer.Exit(EXIT_SOME_FAILED)
         return
     if not location.exists():
         raise UsageError(f"there is no index at {location} yet; `clip index PATH` or any classify/embed run makes it")
-    store = Index(location, warn)
+    store = Index(location, lambda message: None)  # a problem is this command's error, below
     try:
         if prune:
             pruned = store.prune()
@@ -341,8 +366,116 @@ def index_command(
                 write_stdout(out.render_index_summary(summary))
     finally:
         store.close()
-    if not store.usable:
-        raise typer.Exit(EXIT_SOME_FAILED)
+    if store.problem is not None:
+        raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
+
+
+@app.command()
+@handle_errors
+def organize(
+    paths: Annotated[list[str] | None, typer.Argument(
+        metavar="PATH", help="Image files and/or folders to sort (walked recursively).", show_default=False)] = None,
+    into: Annotated[Path | None, typer.Option(
+        "--into", metavar="DEST", show_default=False,
+        help="The folder to sort into: one folder per label inside it (created if missing).")] = None,
+    labels: Annotated[list[str] | None, typer.Option(
+        "--labels", "-l", help="Comma-separated labels: cat,dog,car (repeatable).")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="File with one label per line (- reads stdin).")] = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy each image into its folder (the default).")] = False,
+    move: Annotated[bool, typer.Option("--move", help="Move each image (never lost, even if interrupted).")] = False,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link each image (same file system only).")] = False,
+    symlink: Annotated[bool, typer.Option("--symlink", help="Put a symbolic link to each image.")] = False,
+    min_score: MinScoreOpt = None,
+    score: ScoreOpt = Score.prob,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (source -> destination, label, score) and touch nothing.")] = False,
+    undo: Annotated[Path | None, typer.Option(
+        "--undo", metavar="DEST", show_default=False,
+        help="Undo what the log DEST/clip-organize.jsonl records: move images back, remove copies and links.")] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", "-t",
+        help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
+    templates: Annotated[str | None, typer.Option(help="A named template set: imagenet (the CLIP paper's 80).")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Sort images into one folder per label: DEST/<top label>/, never overwriting or losing a file.
+
+    Every action is logged in DEST/clip-organize.jsonl; running the same command again finishes an interrupted run
+    and repeats nothing.
+
+    Examples:
+
+      clip organize photos/ --labels cat,dog,car --into sorted/ --dry-run
+
+      clip organize photos/ -l cat,dog --into sorted/ --move --min-score 0.8
+
+      clip organize --undo sorted/
+    """
+    from clipcli import organize as org
+    from clipcli import output as out
+    from clipcli import pipeline
+    from clipcli.inputs import find_images
+    from clipcli.process import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+
+    if undo is not None:
+        if paths or into is not None or labels or labels_file is not None or dry_run:
+            raise UsageError("--undo DEST takes no PATHs, labels, --into or --dry-run; run `clip organize --undo "
+                             "DEST` alone")
+        result = org.undo(undo)
+        if not quiet:
+            done = ", ".join(f"{count} {what}" for what, count in sorted(result.undone.items())) or "nothing to undo"
+            eprint(f"undid {sum(result.undone.values())} action(s) logged in {undo}: {done}")
+        _finish(result.failures)
+        return
+    if into is None:
+        raise UsageError("no destination; pass --into DEST, the folder to sort the images into")
+    if not paths:
+        raise UsageError("nothing to organize; pass image files or folders")
+    modes = [name for name, chosen in (("copy", copy), ("move", move), ("link", link), ("symlink", symlink))
+             if chosen]
+    if len(modes) > 1:
+        chosen = " and ".join(f"--{mode}" for mode in modes)
+        raise UsageError(f"give one of --copy, --move, --link or --symlink, not {chosen}")
+    label_list = _read_labels(labels, labels_file)
+    prompt_templates = _templates(template, templates)
+    pipeline.check_score(score.value, min_score)
+    organizer = org.Organizer(into, label_list, modes[0] if modes else "copy", min_score=min_score, dry_run=dry_run)
+    organizer.check_paths(paths)
+    images, failures = find_images(paths, skip=[str(into)])
+    images = organizer.outside(images)
+    failures = [f for f in failures if organizer.outside([f.path])]
+    _warn_if_no_images(images, failures)
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
+        label_set = pipeline.label_embeddings(session, label_list, prompt_templates)
+        for label in label_set.truncated:
+            warn(f"label '{label}' is longer than the model's {session.info.context_length}-token context and "
+                 "was truncated")
+        try:
+            with organizer, out.progress_bar(len(images), quiet) as advance:
+                for batch in pipeline.classify(session, images, label_set, progress=advance, score=score.value):
+                    failures.extend(batch.failures)
+                    failures.extend(organizer.place(batch.paths, batch.scores))
+        except (KeyboardInterrupt, Terminated) as stop:
+            if not dry_run:
+                eprint(f"{'interrupted' if isinstance(stop, KeyboardInterrupt) else 'terminated'} after "
+                       f"{len(organizer.steps)} of {len(images)} image(s); {organizer.log.path} records what was "
+                       "done; run the same command again to finish")
+            raise typer.Exit(EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED) from None
+    _warn_if_one_label(label_list, score.value)
+    if dry_run:
+        write_stdout(out.render_plan(organizer.steps, score.value))
+    if not quiet:
+        eprint(organizer.summary())
+    _finish(failures)
 
 
 class EvalFormat(str, Enum):
@@ -553,6 +686,13 @@ def _warn_if_no_images(images: list[str], failures: list) -> None:
 
         warn("no images found; images are recognised by extension ("
              + " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)) + ")")
+
+
+def _warn_if_one_label(labels: list[str], score: str) -> None:
+    # Said once the results are in, so that it never precedes a usage error's single line.
+    if len(labels) == 1 and score == "prob":
+        warn(f"with one label every image scores 100% for '{labels[0]}'; use --score cosine (with --min-score) to "
+             "judge each image on its own, or give more labels")
 
 
 def _is_report(output: Path) -> bool:

@@ -20,16 +20,23 @@ class Failure:
     reason: str
 
 
-def find_images(inputs: Sequence[str]) -> tuple[list[str], list[Failure]]:
+def find_images(inputs: Sequence[str], skip: Sequence[str] = ()) -> tuple[list[str], list[Failure]]:
     """Files as given plus image files found under folders (recursively, hidden entries skipped), sorted.
 
-    Each real directory is visited once, so symlink loops end. A missing input is a UsageError."""
+    Each real directory is visited once, so symlink loops end; the folders in `skip` (an output folder inside an
+    input) are never entered. A missing input is a UsageError."""
     for name in inputs:
         if not os.path.lexists(name):
             raise UsageError(f"path '{name}' does not exist; pass image files or folders")
     found: set[str] = set()
     failures: list[Failure] = []
     seen_dirs: set[tuple[int, int]] = set()
+    for folder in skip:
+        try:
+            info = os.stat(folder)
+        except OSError:
+            continue  # not there (yet): nothing in it to skip
+        seen_dirs.add((info.st_dev, info.st_ino))
     for name in inputs:
         if os.path.isdir(name):
             _walk(name, found, failures, seen_dirs)

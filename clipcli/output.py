@@ -18,23 +18,28 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clipcli import scoring
 from clipcli.errors import OptionError, UsageError, os_reason
 from clipcli.fsutil import atomic_file, finish_file, folder_of, remove_file, temp_file, temp_prefix
 
 if TYPE_CHECKING:
     from clipcli.index import Summary
+    from clipcli.organize import Step
 
 FORMATS = ("table", "csv", "json", "jsonl")
 
 
-def records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[dict]:
-    """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label."""
+def records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int,
+            min_score: float | None = None) -> list[dict]:
+    """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label. With
+    `min_score`, an image whose top score is below it gets label None (its score and scores are still given)."""
     out = []
-    for path, row in zip(paths, probs, strict=True):
+    best = scoring.top_labels(probs, min_score)
+    for path, row, top in zip(paths, probs, best, strict=True):
         order = np.argsort(-row, kind="stable")
         out.append({
             "path": display_path(path),
-            "label": labels[order[0]],
+            "label": labels[top] if top >= 0 else None,
             "score": float(row[order[0]]),
             "top": [{"label": labels[i], "score": float(row[i])} for i in order[:top_k]],
             "scores": {label: float(p) for label, p in zip(labels, row, strict=True)},
@@ -54,8 +59,10 @@ def check_labels_for(fmt: str, labels: Sequence[str]) -> None:
                           f"rename it (e.g. 'a {clash}') or use --format json or jsonl")
 
 
-def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = False) -> str:
-    """Classification records as text in `fmt` (table, csv, json or jsonl)."""
+def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = False, score: str = "prob") -> str:
+    """Classification records as text in `fmt` (table, csv, json or jsonl); a record's label None (below
+    --min-score) is null in json, empty in csv and `-` in the table. `score` is the kind of the scores: the table
+    shows probabilities as percentages and cosines as they are."""
     if fmt == "jsonl":
         return "".join(_json(r) + "\n" for r in rows)
     if fmt == "json":
@@ -66,10 +73,10 @@ def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = Fals
         writer.writerow([*CSV_COLUMNS, *labels])
         for r in rows:
             scores = (f"{r['scores'][label]:.6g}" for label in labels)
-            writer.writerow([r["path"], r["label"], f"{r['score']:.6g}", *scores])
+            writer.writerow([r["path"], r["label"] or "", f"{r['score']:.6g}", *scores])
         return buffer.getvalue()
     if fmt == "table":
-        return _table(rows, color)
+        return _table(rows, color, score)
     raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
 
 
@@ -82,7 +89,7 @@ def _json(value: object, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent).translate(_JSON_LINE_BREAKS)
 
 
-def _table(rows: list[dict], color: bool) -> str:
+def _table(rows: list[dict], color: bool, score: str = "prob") -> str:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -93,13 +100,19 @@ def _table(rows: list[dict], color: bool) -> str:
     for rank in range(width):
         table.add_column("top label" if rank == 0 else f"#{rank + 1}")
     for r in rows:
-        cells = [Text(f"{t['label']} {100 * t['score']:.1f}%", style="bold" if i == 0 and color else "")
+        cells = [Text(f"{t['label']} {_score_text(t['score'], score)}", style="bold" if i == 0 and color else "")
                  for i, t in enumerate(r["top"])]
+        if r["label"] is None:  # below --min-score: no label
+            cells[0] = Text("-")
         table.add_row(Text(r["path"]), *cells)
     buffer = io.StringIO()
     Console(file=buffer, width=max(80, min(200, 30 + 24 * width)), color_system="auto" if color else None,
             force_terminal=color, highlight=False).print(table)
     return buffer.getvalue()
+
+
+def _score_text(value: float, score: str) -> str:
+    return f"{100 * value:.1f}%" if score == "prob" else f"{value:.3f}"
 
 
 def check_writable(path: Path, stream_ok: bool = True) -> None:
@@ -330,6 +343,18 @@ def render_index_summary(summary: Summary) -> str:
         lines.append(f"{model.name} [{model.fingerprint[:12]}]  {precision}: {model.images:,} images, "
                      f"{model.prompts:,} prompts")
     return "\n".join(lines) + "\n"
+
+
+def render_plan(steps: Sequence[Step], score: str = "prob") -> str:
+    """`clip organize --dry-run`'s plan: a header, then one line per image, `source -> destination`, its label (`-`
+    below --min-score), its top score and the action; columns aligned, a row never wrapped."""
+    rows = [("source", "", "destination", "label", "score", "action")]
+    rows += [(display_line(step.source), "->", display_line(step.destination),
+              "-" if step.label is None else display_line(step.label), _score_text(step.score, score), step.action)
+             for step in steps]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join("  ".join([*(row[i].ljust(width) for i, width in enumerate(widths)), row[-1]]) + "\n"
+                   for row in rows)
 
 
 # ---------------------------------------------------------------------------------------------- clip eval

@@ -24,8 +24,9 @@ EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143
 # The flag behind each library parameter name, for OptionError messages.
 FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch-size", "workers": "--workers",
          "hidden_act": "--activation", "force": "--force", "labels": "--labels", "templates": "--template",
-         "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k",
-         "class_names": "--class-names", "dataset": "DATASET"}
+         "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k", "score": "--score",
+         "min_score": "--min-score", "into": "--into", "undo": "--undo", "class_names": "--class-names",
+         "dataset": "DATASET"}
 
 
 def eprint(message: str) -> None:

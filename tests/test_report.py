@@ -185,3 +185,28 @@ def test_eval_report_holds_the_metrics_and_the_truth(tiny_model_dir, tmp_path):
     for im in images:
         confusion[im["y"], im["k"][0][0]] += 1
     assert confusion.tolist() == as_json["confusion_matrix"]
+
+
+@pytest.mark.parametrize(("score", "min_score"), [("prob", "0.6"), ("cosine", "0.1"), ("cosine", None)])
+def test_report_follows_score_and_min_score(tiny_model_dir, in_images_parent, reference, tmp_path, score,
+                                           min_score):
+    target = tmp_path / "r.html"
+    extra = ["--min-score", min_score] if min_score else []
+    result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "--score", score, *extra, "-o", target,
+                    "-m", tiny_model_dir)
+    assert result.exit_code == 0, result.stderr
+    meta, images = report_data(target.read_text(encoding="utf-8"))
+    assert meta["score"] == score
+    # The low-confidence threshold is --min-score; without it, 0.5 for probabilities and none for cosines.
+    assert meta["threshold"] == (float(min_score) if min_score else None)
+    paths = expected_paths(in_images_parent)
+    if score == "cosine":
+        image = reference.image_features(paths)
+        text = reference.text_features([f"a photo of a {label}." for label in LABELS])
+        want = (image / np.linalg.norm(image, axis=-1, keepdims=True)) @ (
+            text / np.linalg.norm(text, axis=-1, keepdims=True)).T
+    else:
+        want = reference.probs(paths, LABELS)
+    for im in images:
+        row = want[paths.index(im["p"])]
+        np.testing.assert_allclose([s for _, s in im["k"]], np.sort(row)[::-1], atol=PROB_ATOL)
