@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH_DIR, LABELS, checkpoint, image_paths, photo_folder
 
-from clipcli import pipeline
+from clipcli import api, scoring
 from clipcli.loader import Clip, load, place_model
 from clipcli.preprocess import PreprocessConfig, load_image, preprocess, resize_output_size
 
@@ -38,8 +38,9 @@ TEMPLATE = "a photo of a {}."
 def agreement(clip: Clip, rows: np.ndarray, labels: np.ndarray, base_rows: np.ndarray,
               base_labels: np.ndarray) -> str:
     """top-1 agreement, max |dprob| and min cosine of (rows, labels) against the fp32 exact (base) scores."""
-    base, probs = pipeline.scores(clip, base_rows, base_labels), pipeline.scores(clip, rows, labels)
-    cosine = (pipeline.normalize(rows) * pipeline.normalize(base_rows)).sum(-1).min()
+    base = scoring.probabilities(base_rows, base_labels, clip.logit_scale)
+    probs = scoring.probabilities(rows, labels, clip.logit_scale)
+    cosine = (scoring.normalize(rows) * scoring.normalize(base_rows)).sum(-1).min()
     top1 = np.mean(base.argmax(-1) == probs.argmax(-1))
     return f"top-1 {top1:7.1%}  max |dprob| {np.abs(probs - base).max():.1e}  min cosine {cosine:.7f}"
 
@@ -56,7 +57,7 @@ def per_batch_seconds(encode, batch: torch.Tensor) -> float:
 def precision(model_dir: Path, paths: list[str], batch_size: int) -> None:
     print("\nprecision: bf16 variants against fp32 (image features on exact pixels)")
     clip = load(str(model_dir), device="cpu", dtype="fp32")
-    pixels = torch.stack([preprocess(load_image(Path(p)), clip.preprocess) for p in paths])
+    pixels = torch.stack([torch.from_numpy(preprocess(load_image(Path(p)), clip.preprocess)) for p in paths])
     ids = clip.tokenizer.encode([TEMPLATE.replace("{}", label) for label in LABELS])
     bf16 = torch.bfloat16
 
@@ -66,7 +67,7 @@ def precision(model_dir: Path, paths: list[str], batch_size: int) -> None:
 
     def label_rows(encode) -> np.ndarray:
         with torch.inference_mode():
-            return pipeline.normalize(encode(ids).float().numpy())
+            return scoring.normalize(encode(ids).float().numpy())
 
     def autocast(fn):
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,8 @@ def precision(model_dir: Path, paths: list[str], batch_size: int) -> None:
     for name, (encode_image, encode_text) in variants.items():
         rows = image_rows(encode_image)
         seconds = per_batch_seconds(encode_image, pixels[:batch_size])
-        print(f"  {name:<38} {seconds:.2f} s  fp32 labels: {agreement(clip, rows, base_labels, base_rows, base_labels)}")
+        fp32_labels = agreement(clip, rows, base_labels, base_rows, base_labels)
+        print(f"  {name:<38} {seconds:.2f} s  fp32 labels: {fp32_labels}")
         print(f"  {'':<38} {'':>6}  bf16 labels: "
               f"{agreement(clip, rows, label_rows(encode_text), base_rows, base_labels)}")
 
@@ -96,23 +98,23 @@ def precision(model_dir: Path, paths: list[str], batch_size: int) -> None:
 def draft(model_dir: Path, paths: list[str]) -> None:
     print("\ndraft: --fast-decode's draft target against exact preprocessing (one thread, per photo)")
     clip = load(str(model_dir), device="cpu", dtype="fp32")
-    labels = pipeline.label_embeddings(clip, LABELS, [TEMPLATE])
+    labels = api.label_embeddings(clip, LABELS, [TEMPLATE])
     target = clip.preprocess.shortest_edge or clip.preprocess.size_height
 
     def decoded(draft_size: int | None) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
-        pixels = torch.stack([preprocess(load_image(Path(p), draft_size=draft_size), clip.preprocess)
-                              for p in paths])
+        pixels = torch.stack([torch.from_numpy(preprocess(load_image(Path(p), draft_size=draft_size),
+                                                          clip.preprocess)) for p in paths])
         return pixels, (time.perf_counter() - start) / len(paths) * 1000
 
     exact, exact_ms = decoded(None)
-    base = pipeline.pixel_features(clip, exact)
+    base = clip.batch_features(exact)
     print(f"  {'exact':<16} {exact_ms:6.1f} ms")
     for factor in (1.0, 1.25, 1.5, 2.0):
         size = round(target * factor)
         pixels, ms = decoded(size)
         error = (pixels - exact).abs()
-        rows = pipeline.pixel_features(clip, pixels)
+        rows = clip.batch_features(pixels)
         print(f"  {f'{size} ({factor}x)':<16} {ms:6.1f} ms  pixel error mean {error.mean():.4f} max {error.max():.3f}  "
               f"{agreement(clip, rows, labels, base, labels)}")
 

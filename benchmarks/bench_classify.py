@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--no-wait", action="store_true",
                         help="start each timed run at once, not after other processes go quiet (up to 2 min)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="call pipeline.keep_freed_memory() in this process, as the CLI should (it then applies "
+                        help="call process.keep_freed_memory() in this process, as the CLI should (it then applies "
                              "to transformers too; the subprocess runs are unaffected)")
     args = parser.parse_args()
 
@@ -85,11 +85,17 @@ def main() -> None:
     import transformers
     from transformers import pipeline as hf_pipeline
 
-    from clipcli import pipeline
-    from clipcli.loader import load
+    from clipcli import api, pipeline, scoring
+    from clipcli.loader import Clip, load
     from clipcli.preprocess import load_image, preprocess
+    from clipcli.process import keep_freed_memory
 
-    kept = pipeline.keep_freed_memory() if args.keep_freed_memory else False
+    def session(clip: Clip, dtype: str, fast: bool) -> pipeline.Session:
+        """No index: every run computes (this measures the engine, not the index)."""
+        return pipeline.Session(pipeline.Settings(model=str(model_dir), device="cpu", dtype=dtype, fast_decode=fast,
+                                                  batch_size=args.batch_size), clip=clip)
+
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     model_dir = checkpoint(BENCH_DIR / "vit-b-32")
     folder = first_photos(photo_folder(BENCH_DIR / "photos", args.images), args.images)
     paths = image_paths(folder, args.images)
@@ -112,8 +118,9 @@ def main() -> None:
 
     def ours(dtype: str, fast: bool) -> Callable[[list[str]], int]:
         def run(images: list[str]) -> int:
-            return sum(len(b.paths) for b in pipeline.classify(clips[dtype], images, LABELS, [TEMPLATE],
-                                                               args.batch_size, draft=fast))
+            run_session = session(clips[dtype], dtype, fast)
+            label_set = pipeline.label_embeddings(run_session, LABELS, [TEMPLATE])
+            return sum(len(b.paths) for b in pipeline.classify(run_session, images, label_set))
         return run
 
     def transformers_pipeline(batch_size: int) -> Callable[[list[str]], int]:
@@ -131,12 +138,12 @@ def main() -> None:
             end_to_end[f"ours {dtype} {'fast' if fast else 'exact'}"] = ours(dtype, fast)
 
     # Model-only: one batch of real preprocessed photos, the same tensor for both implementations.
-    pixels = torch.stack([preprocess(load_image(Path(p)), clips["fp32"].preprocess)
+    pixels = torch.stack([torch.from_numpy(preprocess(load_image(Path(p)), clips["fp32"].preprocess))
                           for p in (paths * args.batch_size)[:args.batch_size]])  # (B, 3, 224, 224) float32
 
     def model_only(which: str, dtype: str) -> Callable[[], int]:
         if which == "ours":  # float32 pixels in, the image tower under autocast for bf16 (as the pipeline runs it)
-            return lambda: pipeline.pixel_features(clips[dtype], pixels).shape[0]
+            return lambda: clips[dtype].batch_features(pixels).shape[0]
         batch = pixels.to(hf_models[dtype].dtype)  # transformers' usual bf16: the whole model cast
         return lambda: _features(hf_models[dtype].get_image_features(pixel_values=batch)).shape[0]
 
@@ -145,7 +152,7 @@ def main() -> None:
 
     clip_command = [sys.executable, "-m", "clipcli", "classify", str(folder), "-l", ",".join(LABELS), "-t", TEMPLATE,
                     "-m", str(model_dir), "-f", "jsonl", "-q", "--batch-size", str(args.batch_size),
-                    "--device", "cpu"]
+                    "--device", "cpu", "--no-index"]
     hf_script = ("import sys, glob; from transformers import pipeline; "
                  "p = pipeline('zero-shot-image-classification', model=sys.argv[1], device='cpu'); "
                  "r = p(sorted(glob.glob(sys.argv[2] + '/*.jpg')), candidate_labels=sys.argv[3].split(','), "
@@ -238,9 +245,10 @@ def main() -> None:
     features, probs = {}, {}
     for name, (clip, fast) in variants.items():
         start = time.perf_counter()
-        features[name] = np.concatenate([b.rows for b in pipeline.image_features(clip, paths, args.batch_size,
-                                                                                 draft=fast)])
-        probs[name] = pipeline.scores(clip, features[name], pipeline.label_embeddings(clip, LABELS, [TEMPLATE]))
+        dtype = name.split()[0]
+        features[name] = np.concatenate([b.features for b in session(clip, dtype, fast).image_features(paths)])
+        probs[name] = scoring.probabilities(features[name], api.label_embeddings(clip, LABELS, [TEMPLATE]),
+                                            clip.logit_scale)
         if name == "fp16 exact":
             fp16_rate = len(paths) / (time.perf_counter() - start)
     base = probs["fp32 exact"]
@@ -254,20 +262,21 @@ def main() -> None:
     print(f"  {'transformers pipeline':<24} {same.mean():7.1%}")
     for name in list(variants)[1:]:
         flipped = probs[name].argmax(-1) != base.argmax(-1)
-        cosine = (pipeline.normalize(features[name]) * pipeline.normalize(features["fp32 exact"])).sum(-1)
+        cosine = (scoring.normalize(features[name]) * scoring.normalize(features["fp32 exact"])).sum(-1)
         worst = f"{margins[flipped].max():.1e}" if flipped.any() else "-"
         print(f"  {'ours ' + name:<24} {1 - flipped.mean():7.1%} {np.abs(probs[name] - base).max():12.1e} "
               f"{cosine.min():11.6f} {worst:>23}")
     # The same measure for transformers' bf16 (model cast whole, residual sums included), on the same pixels.
-    exact_pixels = torch.stack([preprocess(load_image(Path(p)), clips["fp32"].preprocess) for p in paths])
+    exact_pixels = torch.stack([torch.from_numpy(preprocess(load_image(Path(p)), clips["fp32"].preprocess))
+                                for p in paths])
     prompt_ids = clips["fp32"].tokenizer.encode([TEMPLATE.replace("{}", label) for label in LABELS])
     with torch.inference_mode():
         hf_rows = torch.cat([_features(hf_models["bf16"].get_image_features(pixel_values=chunk.to(torch.bfloat16)))
                              for chunk in exact_pixels.split(args.batch_size)]).float().numpy()
         hf_text = _features(hf_models["bf16"].get_text_features(input_ids=prompt_ids)).float().numpy()
-    hf_probs = pipeline.scores(clips["fp32"], hf_rows, pipeline.normalize(hf_text))
+    hf_probs = scoring.probabilities(hf_rows, scoring.normalize(hf_text), clips["fp32"].logit_scale)
     flipped = hf_probs.argmax(-1) != base.argmax(-1)
-    cosine = (pipeline.normalize(hf_rows) * pipeline.normalize(features["fp32 exact"])).sum(-1)
+    cosine = (scoring.normalize(hf_rows) * scoring.normalize(features["fp32 exact"])).sum(-1)
     worst = f"{margins[flipped].max():.1e}" if flipped.any() else "-"
     print(f"  {'transformers bf16':<24} {1 - flipped.mean():7.1%} {np.abs(hf_probs - base).max():12.1e} "
           f"{cosine.min():11.6f} {worst:>23}")

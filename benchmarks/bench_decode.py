@@ -1,11 +1,11 @@
-"""How to share the CPU between image decoding and the model: the measurements behind pipeline.decode_ahead and
-the default --workers. In alternation for several rounds, images/s of:
+"""How to share the CPU between image decoding and the model: the measurements behind pipeline.Settings.ahead's
+default (0 on CPU) and the default --workers. In alternation for several rounds, images/s of:
 
   - decoding alone (decode + exact or draft preprocessing): 1, cores and 2 x cores threads; cores processes;
   - the model alone on batches of the same size, torch using all cores or one;
-  - decode + model together (pipeline.image_features): decode each batch between model calls (ahead=0, the CPU
-    default) or one batch ahead during the model call (ahead=1, overlapped), with several splits of decode
-    threads and torch threads; and the same between-calls scheme with worker processes instead of threads.
+  - decode + model together (pipeline.Session.image_features, no index): decode each batch between model calls
+    (ahead=0, the CPU default) or one batch ahead during the model call (ahead=1, overlapped), with several splits
+    of decode threads and torch threads; and the same between-calls scheme with worker processes, not threads.
 
     .venv/bin/python benchmarks/bench_decode.py --images 64 --rounds 3 [--dtype bf16] [--fast-decode]
         [--keep-freed-memory]
@@ -35,7 +35,7 @@ def decode_in_process(path: str, config, draft_size: int | None) -> np.ndarray:
     """Worker-process side: one path -> (3, H, W) float32 array (numpy pickles without torch's shared memory)."""
     from clipcli.preprocess import load_image, preprocess
 
-    return preprocess(load_image(Path(path), draft_size=draft_size), config).numpy()
+    return preprocess(load_image(Path(path), draft_size=draft_size), config)
 
 
 @contextmanager
@@ -59,17 +59,22 @@ def main() -> None:
     parser.add_argument("--fast-decode", action="store_true")
     parser.add_argument("--no-wait", action="store_true",
                         help="start each timed run at once, not after other processes go quiet (up to 2 min)")
-    parser.add_argument("--keep-freed-memory", action="store_true", help="call pipeline.keep_freed_memory() first")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="call process.keep_freed_memory() first")
     args = parser.parse_args()
+
+    from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
     from clipcli import pipeline
     from clipcli.loader import load
+    from clipcli.preprocess import load_image, preprocess
+    from clipcli.process import keep_freed_memory
 
-    kept = pipeline.keep_freed_memory() if args.keep_freed_memory else False
+    kept = keep_freed_memory() if args.keep_freed_memory else False
 
-    clip = load(str(checkpoint(BENCH_DIR / "vit-b-32")), device="cpu", dtype=args.dtype)
+    model_dir = checkpoint(BENCH_DIR / "vit-b-32")
+    clip = load(str(model_dir), device="cpu", dtype=args.dtype)
     paths = image_paths(photo_folder(BENCH_DIR / "photos", args.images), args.images)
     cores = pipeline.default_workers()
     draft_size = clip.preprocess.draft_size if args.fast_decode else None
@@ -78,37 +83,40 @@ def main() -> None:
           f"{'keep_freed_memory()' if kept else 'default'}")
 
     def decode_threads(workers: int) -> int:
-        return sum(len(c) for c in pipeline.decode_chunks(clip, paths, args.batch_size, workers, args.fast_decode))
+        with ThreadPoolExecutor(workers) as pool:
+            return sum(1 for _ in pool.map(
+                lambda path: preprocess(load_image(Path(path), draft_size=draft_size), clip.preprocess), paths))
 
     processes = ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("forkserver"))
     started = time.perf_counter()
     list(processes.map(decode_in_process, paths[:cores], [clip.preprocess] * cores, [draft_size] * cores))
     process_startup = time.perf_counter() - started
 
-    def process_batches() -> Iterator[list[torch.Tensor]]:
+    def process_batches() -> Iterator[list[np.ndarray]]:
         for start in range(0, len(paths), args.batch_size):
             chunk = paths[start:start + args.batch_size]
             arrays = processes.map(decode_in_process, chunk, [clip.preprocess] * len(chunk),
                                    [draft_size] * len(chunk))
-            yield [torch.from_numpy(a) for a in arrays]
+            yield list(arrays)
 
     def decode_processes() -> int:
         return sum(len(batch) for batch in process_batches())
 
     def model_only(threads: int) -> int:
-        batch = [torch.randn(3, 224, 224) for _ in range(args.batch_size)]
+        batch = [np.random.default_rng(0).standard_normal((3, 224, 224), dtype=np.float32)] * args.batch_size
         with torch_threads(threads):
             for start in range(0, len(paths), args.batch_size):
-                pipeline._encode_pixels(clip, batch[:len(paths[start:start + args.batch_size])])
+                clip.image_features(batch[:len(paths[start:start + args.batch_size])])
         return len(paths)
 
     def together(ahead: int, workers: int, threads: int) -> int:
+        settings = pipeline.Settings(model=str(model_dir), device="cpu", dtype=args.dtype, fast_decode=args.fast_decode,
+                                     batch_size=args.batch_size, workers=workers, ahead=ahead)
         with torch_threads(threads):
-            return sum(len(b.paths) for b in pipeline.image_features(
-                clip, paths, args.batch_size, workers, args.fast_decode, ahead=ahead))
+            return sum(len(b.paths) for b in pipeline.Session(settings, clip=clip).image_features(paths))
 
     def together_processes() -> int:
-        return sum(len(pipeline._encode_pixels(clip, batch)) for batch in process_batches())
+        return sum(len(clip.image_features(batch)) for batch in process_batches())
 
     cases: dict[str, Callable[[], int]] = {
         "decode only, 1 thread": lambda: decode_threads(1),

@@ -39,7 +39,7 @@ def main() -> None:
         for count, folder in folders.items():
             target = Path(out) / f"emb-{count}.{args.ext}"
             command = [sys.executable, "-m", "clipcli", "embed", str(folder), "-o", str(target), "-m", str(model_dir),
-                       "-q", "--device", "cpu"]
+                       "-q", "--device", "cpu", "--no-index"]
             runs = [run_measured(command) for _ in range(args.repeat)]
             rows = rows_in(target)
             if rows != count:

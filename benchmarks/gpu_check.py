@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import transformers
 
-from clipcli import pipeline
+from clipcli import api
 from clipcli.loader import load
 from clipcli.preprocess import PreprocessConfig
 from clipcli.tokenizer import ClipTokenizer
@@ -61,7 +61,7 @@ def main() -> None:
     for dtype in ("fp32", "fp16", "bf16"):
         clip = load(str(model_dir), device="cuda", dtype=dtype)
         with torch.inference_mode():
-            image = torch.from_numpy(pipeline.pixel_features(clip, pixels.cuda()))
+            image = torch.from_numpy(clip.batch_features(pixels.cuda()))
             text = clip.model.encode_text(ids.cuda()).float().cpu()
         cos = torch.nn.functional.cosine_similarity(image, ref_image).min().item()
         top1 = (image @ ref_text.T).argmax(-1).eq((ref_image @ ref_text.T).argmax(-1)).float().mean().item()
@@ -73,22 +73,22 @@ def main() -> None:
         ref = transformers.CLIPModel.from_pretrained(model_dir, dtype=torch_dtype).eval().cuda()
         batch = torch.randn(256, 3, 224, 224, device="cuda")
         with torch.inference_mode():
-            ours_s = timed(lambda: pipeline.pixel_features(clip, batch))
-            ref_s = timed(lambda: ref.get_image_features(pixel_values=batch.to(torch_dtype)))
+            ours_s = timed(lambda clip=clip, batch=batch: clip.batch_features(batch))
+            ref_s = timed(lambda ref=ref, batch=batch, cast=torch_dtype: ref.get_image_features(
+                pixel_values=batch.to(cast)))
         print(f"model-only {dtype}, batch 256: ours {256 / ours_s:.0f} img/s, transformers {256 / ref_s:.0f} img/s, "
               f"ratio {ref_s / ours_s:.2f}")
 
     images = Path("sample_images")
     run = subprocess.run([sys.executable, "-m", "clipcli", "classify", str(images), "-l",
                           "cat,rocket,coffee,astronaut,horse", "-m", str(model_dir), "--device", "cuda",
-                          "-f", "jsonl"], capture_output=True, text=True)
+                          "-f", "jsonl", "--no-index"], capture_output=True, text=True)
     print("cli cuda exit", run.returncode, "rows", len(run.stdout.splitlines()), "stderr", run.stderr.strip()[:300])
     cpu = load(str(model_dir), device="cpu", dtype="fp32")
     gpu = load(str(model_dir), device="cuda", dtype="fp16")
     paths = sorted(str(p) for p in images.iterdir() if p.suffix in (".png", ".jpg"))
     labels = ["cat", "rocket", "coffee", "astronaut", "horse"]
-    a = np.concatenate([b.rows for b in pipeline.classify(cpu, paths, labels)])
-    b = np.concatenate([b.rows for b in pipeline.classify(gpu, paths, labels)])
+    a, b = api.zero_shot(cpu, paths, labels), api.zero_shot(gpu, paths, labels)
     print(f"pipeline cuda fp16 vs cpu fp32: max prob diff {np.abs(a - b).max():.2e}, "
           f"top-1 equal {(a.argmax(1) == b.argmax(1)).mean():.3f}")
 

@@ -16,6 +16,7 @@ _EXPORTS = {
     "encode_images": "clipcli.api",
     "encode_texts": "clipcli.api",
     "zero_shot": "clipcli.api",
+    "label_embeddings": "clipcli.api",
     "convert": "clipcli.loader",
     "ClipError": "clipcli.errors",
     "UsageError": "clipcli.errors",

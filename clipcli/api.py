@@ -42,14 +42,19 @@ def encode_texts(clip: Clip, texts: Sequence[str], *, normalized: bool = True) -
     return scoring.normalize(features) if normalized else features
 
 
-def zero_shot(clip: Clip, images: Sequence[ImageLike], labels: Sequence[str], *,
-              templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> np.ndarray:
-    """(N, L) float32 label probabilities for images (paths or PIL images), as logits_per_image.softmax(-1)."""
+def label_embeddings(clip: Clip, labels: Sequence[str], templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> np.ndarray:
+    """(L, D) float32 unit label embeddings: per label the mean of its normalised template embeddings, re-normalised."""
     check_labels(labels)
     check_templates(templates)
     prompts = [template.replace("{}", label) for label in labels for template in templates]
-    label_embeddings = scoring.ensemble(clip.text_features(prompts), len(labels), len(templates))
-    return scoring.probabilities(encode_images(clip, images, normalized=False), label_embeddings, clip.logit_scale)
+    return scoring.ensemble(clip.text_features(prompts), len(labels), len(templates))
 
 
-__all__ = ["Clip", "encode_images", "encode_texts", "load", "zero_shot"]
+def zero_shot(clip: Clip, images: Sequence[ImageLike], labels: Sequence[str], *,
+              templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> np.ndarray:
+    """(N, L) float32 label probabilities for images (paths or PIL images), as logits_per_image.softmax(-1)."""
+    return scoring.probabilities(encode_images(clip, images, normalized=False),
+                                 label_embeddings(clip, labels, templates), clip.logit_scale)
+
+
+__all__ = ["Clip", "encode_images", "encode_texts", "label_embeddings", "load", "zero_shot"]

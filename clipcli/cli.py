@@ -40,6 +40,7 @@ app = typer.Typer(
     "  clip classify photos/ --labels cat,dog,car\n\n"
     "  clip classify photos/ -l cat,dog -o results.csv\n\n"
     "  clip embed photos/ -o emb.npy\n\n"
+    "  clip organize photos/ --labels cat,dog --into sorted/\n\n"
     "  clip convert-weights ViT-B-32.pt converted/",
     rich_markup_mode=None,  # plain-text usage errors ending in one "Error: ..." line
     pretty_exceptions_enable=False,
@@ -102,7 +103,7 @@ NoIndexOpt = Annotated[bool, typer.Option("--no-index", help="Neither read nor w
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 PathsArg = Annotated[list[str] | None, typer.Argument(
-    metavar="PATH", show_default=False,
+    metavar="PATH...", show_default=False,
     help="Image files and/or folders (walked recursively). May be omitted with --files-from.")]
 FilesFromOpt = Annotated[str | None, typer.Option(
     "--files-from", metavar="FILE",
@@ -124,6 +125,25 @@ class Format(str, Enum):
     csv = "csv"
     json = "json"
     jsonl = "jsonl"
+
+
+class Score(str, Enum):
+    """--score values (scoring.SCORE_KINDS)."""
+
+    prob = "prob"
+    cosine = "cosine"
+
+
+TemplatesOpt = Annotated[str | None, typer.Option(
+    metavar="[imagenet]", autocompletion=lambda: ["imagenet"],
+    help="A named template set: imagenet (the CLIP paper's 80).")]
+ScoreOpt = Annotated[Score, typer.Option(
+    "--score", metavar="[prob|cosine]",
+    help="prob: probabilities over the labels (softmax; they sum to 1); cosine: each label's cosine similarity on "
+    "its own (for one label, or 'none of these').")]
+MinScoreOpt = Annotated[float | None, typer.Option(
+    "--min-score", show_default=False, metavar="X",
+    help="Images whose top score is below this get no label (a probability 0-1, or a cosine with --score cosine).")]
 
 
 @contextmanager
@@ -160,9 +180,7 @@ def classify(
     template: Annotated[list[str] | None, typer.Option(
         "--template", "-t", metavar="TEMPLATE",
         help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
-    templates: Annotated[str | None, typer.Option(
-        metavar="[imagenet]", autocompletion=lambda: ["imagenet"],
-        help="A named template set: imagenet (the CLIP paper's 80).")] = None,
+    templates: TemplatesOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="N", help="Labels shown per image.")] = 5,
     fmt: Annotated[Format | None, typer.Option(
         "--format", "-f", metavar="[table|csv|json|jsonl]", show_default=False,
@@ -174,6 +192,8 @@ def classify(
     files_from: FilesFromOpt = None,
     exclude: ExcludeOpt = None,
     max_megapixels: MaxPixelsOpt = None,
+    score: ScoreOpt = Score.prob,
+    min_score: MinScoreOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
@@ -194,8 +214,12 @@ def classify(
       clip classify photos/ -l cat,dog -o results.jsonl      (the extension picks the format)
 
       find . -name '*.png' | clip classify --files-from - -l cat,dog -f jsonl | head
+
+      clip classify photos/ -l "a cat" --score cosine --min-score 0.25
     """
-    import dataclasses
+    import contextlib
+
+    import numpy as np
 
     from clipcli import output as out
     from clipcli import pipeline
@@ -205,10 +229,8 @@ def classify(
     target = None if output is None or output == "-" else output
     chosen = out.choose_format(output, fmt.value if fmt is not None else None)
     out.check_labels_for(chosen, label_list)
-    layout = out.classify_layout(label_list)
-    if chosen == "html":
-        layout = dataclasses.replace(layout, html=out.html_report("classify"))
     prompt_templates = _templates(template, templates)
+    pipeline.check_score(score.value, min_score)
     if target is not None:
         out.check_writable(Path(target))
     _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))
@@ -221,12 +243,30 @@ def classify(
             warn(f"label '{label}' is longer than the model's {session.info.context_length}-token context and "
                  "was truncated")
         order: PathOrder[dict] = PathOrder(failures)  # the walk's failures, put between the rows by path
-        with out.RowWriter(target, chosen, layout) as rows, out.progress_bar(len(images), quiet) as advance:
-            for batch in pipeline.classify(session, images, label_set, progress=advance):
-                records = out.classify_records(batch.paths, batch.scores, label_list, top_k)
-                rows.write(_records(order.batch(zip(batch.paths, records, strict=True), batch.failures)))
+        # Rows go out batch by batch; the HTML report (report.py) needs them all, so for it they are kept.
+        rows = None if chosen == "html" else out.RowWriter(target, chosen, out.classify_layout(label_list, score.value))
+        found: list[str] = []
+        kept: list[np.ndarray] = []
+        with rows or contextlib.nullcontext(), out.progress_bar(len(images), quiet) as advance:
+            for batch in pipeline.classify(session, images, label_set, progress=advance, score=score.value):
                 failures.extend(batch.failures)
-            rows.write(_records(order.rest()))
+                if rows is None:
+                    found.extend(batch.paths)
+                    kept.append(batch.scores)
+                    continue
+                records = out.classify_records(batch.paths, batch.scores, label_list, top_k, min_score)
+                rows.write(_records(order.batch(zip(batch.paths, records, strict=True), batch.failures)))
+            if rows is not None:
+                rows.write(_records(order.rest()))
+    _warn_if_one_label(label_list, score.value)
+    if rows is None and target is not None:
+        from clipcli import report
+
+        scores = np.concatenate(kept) if kept else np.zeros((0, len(label_list)), dtype=np.float32)
+        with out.progress_bar(len(found), quiet) as advance:
+            report.write_classify_report(Path(target), found, scores, label_list, top_k=top_k, threshold=min_score,
+                                         score=score.value, model=model, templates=prompt_templates,
+                                         failures=failures, workers=workers, progress=advance)
     _finish(failures)
 
 
@@ -330,7 +370,7 @@ def embed(
 @handle_errors
 def index_command(
     paths: Annotated[list[str] | None, typer.Argument(
-        metavar="PATH", help="Image files and/or folders to add or update.", show_default=False)] = None,
+        metavar="PATH...", help="Image files and/or folders to add or update.", show_default=False)] = None,
     info: Annotated[bool, typer.Option("--info", help="Show what the index holds (also without PATH).")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Forget files that are gone, and their embeddings.")] = False,
     clear: Annotated[bool, typer.Option("--clear", help="Remove every entry.")] = False,
@@ -371,13 +411,16 @@ def index_command(
               out.progress_bar(len(images), quiet) as advance):
             counts = pipeline.index_images(session, images, progress=advance)
         failures.extend(counts.failures)
+        for failure in sorted(failures, key=lambda f: f.path):
+            eprint(f"{failure.path}: {failure.reason}")
         eprint(f"indexed {len(images)} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
                f"{counts.unchanged} unchanged, {len(failures)} failed")
-        _finish(failures)
+        if failures:
+            raise typer.Exit(EXIT_SOME_FAILED)
         return
     if not location.exists():
         raise UsageError(f"there is no index at {location} yet; `clip index PATH` or any classify/embed run makes it")
-    store = Index(location, warn)
+    store = Index(location, lambda message: None)  # a problem is this command's error, below
     try:
         if prune:
             pruned = store.prune()
@@ -392,8 +435,201 @@ def index_command(
                 write_stdout(out.render_index_summary(summary))
     finally:
         store.close()
-    if not store.usable:
-        raise typer.Exit(EXIT_SOME_FAILED)
+    if store.problem is not None:
+        raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
+
+
+@command(cls=ClipCommand)
+@handle_errors
+def organize(
+    paths: Annotated[list[str] | None, typer.Argument(
+        metavar="PATH", help="Image files and/or folders to sort (walked recursively).", show_default=False)] = None,
+    into: Annotated[Path | None, typer.Option(
+        "--into", metavar="DEST", show_default=False,
+        help="The folder to sort into: one folder per label inside it (created if missing).")] = None,
+    labels: Annotated[list[str] | None, typer.Option(
+        "--labels", "-l", help="Comma-separated labels: cat,dog,car (repeatable).")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="File with one label per line (- reads stdin).")] = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy each image into its folder (the default).")] = False,
+    move: Annotated[bool, typer.Option("--move", help="Move each image (never lost, even if interrupted).")] = False,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link each image (same file system only).")] = False,
+    symlink: Annotated[bool, typer.Option("--symlink", help="Put a symbolic link to each image.")] = False,
+    min_score: MinScoreOpt = None,
+    score: ScoreOpt = Score.prob,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (source -> destination, label, score) and touch nothing.")] = False,
+    undo: Annotated[Path | None, typer.Option(
+        "--undo", metavar="DEST", show_default=False,
+        help="Undo what the log DEST/clip-organize.jsonl records: move images back, remove copies and links.")] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", "-t",
+        help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
+    templates: TemplatesOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Sort images into one folder per label: DEST/<top label>/, never overwriting or losing a file.
+
+    Every action is logged in DEST/clip-organize.jsonl; running the same command again finishes an interrupted run
+    and repeats nothing.
+
+    Examples:
+
+      clip organize photos/ --labels cat,dog,car --into sorted/ --dry-run
+
+      clip organize photos/ -l cat,dog --into sorted/ --move --min-score 0.8
+
+      clip organize --undo sorted/
+    """
+    from clipcli import organize as org
+    from clipcli import output as out
+    from clipcli import pipeline
+    from clipcli.inputs import find_images
+    from clipcli.process import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+
+    if undo is not None:
+        if paths or into is not None or labels or labels_file is not None or dry_run:
+            raise UsageError("--undo DEST takes no PATHs, labels, --into or --dry-run; run `clip organize --undo "
+                             "DEST` alone")
+        result = org.undo(undo)
+        if not quiet:
+            done = ", ".join(f"{count} {what}" for what, count in sorted(result.undone.items())) or "nothing to undo"
+            eprint(f"undid {sum(result.undone.values())} action(s) logged in {undo}: {done}")
+        _finish(result.failures)
+        return
+    if into is None:
+        raise UsageError("no destination; pass --into DEST, the folder to sort the images into")
+    if not paths:
+        raise UsageError("nothing to organize; pass image files or folders")
+    modes = [name for name, chosen in (("copy", copy), ("move", move), ("link", link), ("symlink", symlink))
+             if chosen]
+    if len(modes) > 1:
+        chosen = " and ".join(f"--{mode}" for mode in modes)
+        raise UsageError(f"give one of --copy, --move, --link or --symlink, not {chosen}")
+    label_list = _read_labels(labels, labels_file)
+    prompt_templates = _templates(template, templates)
+    pipeline.check_score(score.value, min_score)
+    organizer = org.Organizer(into, label_list, modes[0] if modes else "copy", min_score=min_score, dry_run=dry_run)
+    organizer.check_paths(paths)
+    images, failures = find_images(paths, skip=[str(into)])
+    images = organizer.outside(images)
+    failures = [f for f in failures if organizer.outside([f.path])]
+    _warn_if_no_images(images, failures)
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
+        label_set = pipeline.label_embeddings(session, label_list, prompt_templates)
+        for label in label_set.truncated:
+            warn(f"label '{label}' is longer than the model's {session.info.context_length}-token context and "
+                 "was truncated")
+        try:
+            with organizer, out.progress_bar(len(images), quiet) as advance:
+                for batch in pipeline.classify(session, images, label_set, progress=advance, score=score.value):
+                    failures.extend(batch.failures)
+                    failures.extend(organizer.place(batch.paths, batch.scores))
+        except (KeyboardInterrupt, Terminated) as stop:
+            if not dry_run:
+                eprint(f"{'interrupted' if isinstance(stop, KeyboardInterrupt) else 'terminated'} after "
+                       f"{len(organizer.steps)} of {len(images)} image(s); {organizer.log.path} records what was "
+                       "done; run the same command again to finish")
+            raise typer.Exit(EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED) from None
+    _warn_if_one_label(label_list, score.value)
+    if dry_run:
+        write_stdout(out.render_plan(organizer.steps, score.value))
+    if not quiet:
+        eprint(organizer.summary())
+    _finish(failures)
+
+
+class EvalFormat(str, Enum):
+    """clip eval's --format values (output.EVAL_FORMATS)."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@command("eval", cls=ClipCommand)
+@handle_errors
+def eval_command(
+    dataset: Annotated[str, typer.Argument(
+        metavar="DATASET", help="A folder with one subfolder of images per class (the folder name is the label).",
+        show_default=False)],
+    class_names: Annotated[Path | None, typer.Option(
+        "--class-names", help="File of 'folder<TAB>label' lines giving classes their label text (- reads stdin).",
+        show_default=False)] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", "-t",
+        help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
+    templates: TemplatesOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image in an HTML report.")] = 5,
+    fmt: Annotated[EvalFormat, typer.Option(
+        "--format", "-f", help="table for people; csv or json for programs.")] = EvalFormat.table,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write results here (default stdout); NAME.html writes a report to open in a browser.")
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure zero-shot accuracy on a labelled folder: acc1, acc5, mean per-class recall, confusion matrix.
+
+    Examples:
+
+      clip eval sorted-photos/
+
+      clip eval sorted-photos/ --templates imagenet -f json
+
+      clip eval sorted-photos/ --class-names names.tsv -o eval.html
+    """
+    from clipcli import evaluate
+    from clipcli import output as out
+
+    prompt_templates = _templates(template, templates)
+    names = evaluate.parse_class_names(_read_lines(class_names, "--class-names")) if class_names else None
+    output = None if output is None or str(output) == "-" else output
+    if output is not None:
+        out.check_writable(output)
+    data = evaluate.find_dataset(dataset, names)
+    if data.stray:
+        warn(f"{len(data.stray)} image(s) directly in '{dataset}' belong to no class folder and were left out")
+    _warn_if_no_images(data.paths, data.failures)
+    if output is not None:
+        out.check_not_an_input([output], data.paths)
+    with (_session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session,
+          out.progress_bar(len(data.paths), quiet) as advance):
+        result = evaluate.evaluate(session, data, prompt_templates, progress=advance)
+        context = session.info.context_length if result.truncated else 0
+    for label in result.truncated:
+        warn(f"label '{label}' is longer than the model's {context}-token context and was truncated")
+    if output is not None and _is_report(output):
+        from clipcli import report
+
+        with out.progress_bar(len(result.paths), quiet) as advance:
+            report.write_eval_report(output, result, top_k=top_k, model=model, templates=prompt_templates,
+                                     workers=workers, progress=advance)
+    else:
+        summary = {**result.metrics.to_json(),
+                   "errors": [{"path": out.display_path(f.path), "error": f.reason} for f in result.failures]}
+        text = out.render_eval(summary, fmt.value)
+        if output is None:
+            write_stdout(text)
+        else:
+            out.write_text(output, text)
+    _finish(result.failures)
 
 
 class ConvertDtype(str, Enum):
@@ -642,6 +878,18 @@ def _warn_if_no_images(images: list[str], failures: list) -> None:
 
         warn("no images found; images are recognised by extension ("
              + " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)) + ")")
+
+
+def _warn_if_one_label(labels: list[str], score: str) -> None:
+    # Said once the results are in, so that it never precedes a usage error's single line.
+    if len(labels) == 1 and score == "prob":
+        warn(f"with one label every image scores 100% for '{labels[0]}'; use --score cosine (with --min-score) to "
+             "judge each image on its own, or give more labels")
+
+
+def _is_report(output: Path) -> bool:
+    """-o NAME.html (any case) writes an HTML report instead of text."""
+    return output.suffix.lower() == ".html"
 
 
 def _finish(failures: list[Failure]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipcli.errors import os_reason
 from clipcli.fsutil import make_private_dirs
 from clipcli.resolve import ModelFiles, model_file_roles
 
@@ -142,7 +143,7 @@ class Index:
     def __init__(self, path: Path, warn: Callable[[str], None]) -> None:
         self.path = Path(path)
         self._warn = warn
-        self._warned = False
+        self.problem: str | None = None  # why the index stopped being used, once it has
         self._lock = threading.RLock()
         self._con: sqlite3.Connection | None = None
         self._variants: dict[Variant, int] = {}
@@ -233,8 +234,8 @@ class Index:
                 pass
             self._con.close()
             self._con = None
-        if not self._warned:  # one warning per run
-            self._warned = True
+        if self.problem is None:  # one warning per run
+            self.problem = problem
             self._warn(f"the index {self.path} {problem}; this run goes on without it")
 
     @contextmanager
@@ -530,6 +531,8 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def _describe(err: BaseException) -> str:
     """An error from SQLite or the file system as the problem of the index, one line."""
+    if isinstance(err, OSError):
+        return f"cannot be written ({os_reason(err)})"
     text = " ".join(str(err).split()) or type(err).__name__
     lowered = text.lower()
     if "locked" in lowered or "busy" in lowered:

@@ -71,13 +71,13 @@ def parse_path_list(data: bytes) -> list[str]:
 
 
 def find_images(inputs: Sequence[str], exclude: Exclude | None = None, listed: Sequence[str] = (),
-                ) -> tuple[list[str], list[Failure]]:
+                skip: Sequence[str] = ()) -> tuple[list[str], list[Failure]]:
     """Files as given plus image files found under folders (recursively, hidden entries skipped), sorted, and the
     inputs that could not be used.
 
     `inputs` are PATH arguments: one that does not exist is a UsageError. `listed` are paths from a file list: one
     that does not exist is a Failure, so a stale list does not stop the run. Each real directory is visited once,
-    so symlink loops end."""
+    so symlink loops end; the folders in `skip` (an output folder inside an input) are never entered."""
     exclude = exclude or Exclude()
     for name in inputs:
         if not os.path.lexists(name):
@@ -85,6 +85,12 @@ def find_images(inputs: Sequence[str], exclude: Exclude | None = None, listed: S
     found: set[str] = set()
     failures: list[Failure] = []
     seen_dirs: set[tuple[int, int]] = set()
+    for folder in skip:
+        try:
+            info = os.stat(folder)
+        except OSError:
+            continue  # not there (yet): nothing in it to skip
+        seen_dirs.add((info.st_dev, info.st_ino))
     for name in [*inputs, *listed]:
         if os.path.isdir(name):
             _walk(name, found, failures, seen_dirs, exclude)

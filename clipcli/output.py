@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib
-import importlib.util
 import io
 import json
 import os
@@ -23,16 +21,17 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+from clipcli import scoring
 from clipcli.errors import OptionError, UsageError, os_reason
 from clipcli.fsutil import atomic_file, finish_file, folder_of, new_file_mode, remove_file, temp_prefix
 
 if TYPE_CHECKING:
     from clipcli.index import Summary
+    from clipcli.organize import Step
 
 FORMATS = ("table", "csv", "json", "jsonl")
 # -o NAME.<ext> picks the format when --format is not given; any other name gets the table. html is the report.
-EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".html": "html",
-                     ".htm": "html"}
+EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".html": "html"}
 
 
 def choose_format(output: str | None, fmt: str | None) -> str:
@@ -48,16 +47,6 @@ def choose_format(output: str | None, fmt: str | None) -> str:
     return fmt
 
 
-def html_report(kind: str) -> Callable[[list[dict]], str]:
-    """The HTML report renderer for `kind` records ('classify', 'eval'): report.py's `render_html(kind, records)`.
-
-    report.py is the one module that writes HTML; until it exists, -o NAME.html is a UsageError."""
-    if importlib.util.find_spec("clipcli.report") is None:
-        raise UsageError("HTML reports are not available yet; write -o NAME.json, .jsonl or .csv instead")
-    report = importlib.import_module("clipcli.report")
-    return functools.partial(report.render_html, kind)
-
-
 # ---------------------------------------------------------------------------------------------- rows of records
 
 
@@ -69,12 +58,11 @@ class Layout:
     csv_cells:   a record -> its CSV cells by column name (missing columns are empty); default: the record.
     table:       (records, width, color) -> the table's text; width None means one line per row however long
                  (files and pipes), a number the terminal's width to fit. Without it the format is refused.
-    html:        records -> a whole HTML document (see html_report); None: no report for this command."""
+    (The HTML report, -o NAME.html, is report.py's: it needs every row at once, with the images.)"""
 
     csv_columns: tuple[str, ...]
     csv_cells: Callable[[dict], dict[str, object]] = dict
     table: Callable[[list[dict], int | None, bool], str] | None = None
-    html: Callable[[list[dict]], str] | None = None
 
 
 class RowWriter:
@@ -91,13 +79,13 @@ class RowWriter:
     csv fills the path and error columns. jsonl, csv and json rows go out as each batch is written: to stdout (or
     a pipe, /dev/stdout) flushed per batch, so `| head -1` prints within seconds; to a file through a temp file
     beside it, renamed into place when the `with` block ends without error (complete or absent, never half
-    written). The table and the HTML report need every row, so they are written at the end. Nothing is written
+    written). The table needs every row to size its columns, so it is written at the end. Nothing is written
     before the first batch, so a usage error found before it leaves stdout empty."""
 
     def __init__(self, target: Path | str | None, fmt: str, layout: Layout) -> None:
-        if fmt not in (*FORMATS, "html"):
+        if fmt not in FORMATS:
             raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
-        if (fmt == "table" and layout.table is None) or (fmt == "html" and layout.html is None):
+        if fmt == "table" and layout.table is None:
             raise OptionError("fmt", fmt, "is not available for this command", "choose another {option}")
         self.fmt, self.layout = fmt, layout
         self.target = None if target is None or str(target) == "-" else Path(target)
@@ -105,7 +93,7 @@ class RowWriter:
         self._stream = self._to_stdout or is_stream(self.target)  # type: ignore[arg-type]
         self._handle: IO | None = None
         self._temp: str | None = None
-        self._held: list[dict] = []  # table and html: every record, written at the end
+        self._held: list[dict] = []  # table: every record, written at the end
         self._count = 0
         self._started = False
         if not self._stream:
@@ -129,21 +117,18 @@ class RowWriter:
 
     def write(self, records: Sequence[dict]) -> None:
         """Write one batch of records (in order); flushed when going to a stream."""
-        if self.fmt in ("table", "html"):
+        if self.fmt == "table":
             self._held.extend(records)
         elif records:
             self._emit("".join(self._encode(record) for record in records))
 
     def close(self) -> None:
-        """Finish: the table or report, the json list's end or an empty CSV's header; rename a file into place."""
+        """Finish: the table, the json list's end or an empty CSV's header; rename a file into place."""
         if self.fmt == "table":
             assert self.layout.table is not None
             terminal = self._to_stdout and sys.stdout.isatty()
             width = shutil.get_terminal_size().columns if terminal else None
             self._emit(self.layout.table(self._held, width, terminal and "NO_COLOR" not in os.environ))
-        elif self.fmt == "html":
-            assert self.layout.html is not None
-            self._emit(self.layout.html(self._held))
         elif self.fmt == "json":
             self._emit("[]\n" if self._count == 0 else "\n]\n")
         elif self.fmt == "csv" and not self._started:
@@ -223,14 +208,17 @@ def _csv_line(cells: Sequence[object]) -> str:
 CSV_COLUMNS = ("path", "label", "score")  # then one column per label, then "error"
 
 
-def classify_records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[dict]:
-    """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label."""
+def classify_records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int,
+                     min_score: float | None = None) -> list[dict]:
+    """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label. With
+    `min_score`, an image whose top score is below it gets label None (its score and scores are still given)."""
     out = []
-    for path, row in zip(paths, probs, strict=True):
+    best = scoring.top_labels(probs, min_score)
+    for path, row, top in zip(paths, probs, best, strict=True):
         order = np.argsort(-row, kind="stable")
         out.append({
             "path": display_path(path),
-            "label": labels[order[0]],
+            "label": labels[top] if top >= 0 else None,
             "score": float(row[order[0]]),
             "top": [{"label": labels[i], "score": float(row[i])} for i in order[:top_k]],
             "scores": {label: float(p) for label, p in zip(labels, row, strict=True)},
@@ -253,23 +241,35 @@ def check_labels_for(fmt: str, labels: Sequence[str]) -> None:
                           f"rename it (e.g. 'a {clash}') or use --format json or jsonl")
 
 
-def classify_layout(labels: Sequence[str]) -> Layout:
-    """classify's rows: csv path,label,score,<one column per label>,error; the table shows the top-k labels."""
+def classify_layout(labels: Sequence[str], score: str = "prob") -> Layout:
+    """classify's rows: csv path,label,score,<one column per label>,error (a label None, below --min-score, is
+    empty); the table shows the top-k labels, probabilities as percentages and cosines as they are (`score`)."""
 
     def cells(record: dict) -> dict[str, object]:
         scores = {label: f"{p:.6g}" for label, p in record["scores"].items()}
-        return {"path": record["path"], "label": record["label"], "score": f"{record['score']:.6g}", **scores}
+        return {"path": record["path"], "label": record["label"] or "", "score": f"{record['score']:.6g}", **scores}
 
-    return Layout(csv_columns=(*CSV_COLUMNS, *labels, "error"), csv_cells=cells, table=classify_table)
+    return Layout(csv_columns=(*CSV_COLUMNS, *labels, "error"), csv_cells=cells,
+                  table=functools.partial(classify_table, score=score))
 
 
-def classify_table(records: list[dict], width: int | None, color: bool) -> str:
-    """The table people read: path, then the top-k labels with their percentages (failures are on stderr)."""
+def classify_table(records: list[dict], width: int | None, color: bool, score: str = "prob") -> str:
+    """The table people read: path, then the top-k labels with their scores, `-` first for an image below
+    --min-score (failures are on stderr)."""
     rows = [r for r in records if "error" not in r]
     ranks = max((len(r["top"]) for r in rows), default=1)
     header = ["path", "top label", *(f"#{rank + 1}" for rank in range(1, ranks))]
-    cells = [[r["path"], *(f"{t['label']} {100 * t['score']:.1f}%" for t in r["top"])] for r in rows]
+    cells = []
+    for r in rows:
+        shown = [f"{t['label']} {_score_text(t['score'], score)}" for t in r["top"]]
+        if r["label"] is None:  # below --min-score: no label
+            shown[0] = "-"
+        cells.append([r["path"], *shown])
     return table_text(header, cells, width, shorten=0, droppable_from=2, emphasis=1 if color else None, color=color)
+
+
+def _score_text(value: float, score: str) -> str:
+    return f"{100 * value:.1f}%" if score == "prob" else f"{value:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -520,3 +520,89 @@ def render_index_summary(summary: Summary) -> str:
         lines.append(f"{model.name} [{model.fingerprint[:12]}]  {precision}: {model.images:,} images, "
                      f"{model.prompts:,} prompts")
     return "\n".join(lines) + "\n"
+
+
+def render_plan(steps: Sequence[Step], score: str = "prob") -> str:
+    """`clip organize --dry-run`'s plan: a header, then one line per image, `source -> destination`, its label (`-`
+    below --min-score), its top score and the action; columns aligned, a row never wrapped."""
+    rows = [("source", "", "destination", "label", "score", "action")]
+    rows += [(display_line(step.source), "->", display_line(step.destination),
+              "-" if step.label is None else display_line(step.label), _score_text(step.score, score), step.action)
+             for step in steps]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join("  ".join([*(row[i].ljust(width) for i, width in enumerate(widths)), row[-1]]) + "\n"
+                   for row in rows)
+
+
+# ---------------------------------------------------------------------------------------------- clip eval
+
+EVAL_FORMATS = ("table", "csv", "json")
+
+
+def render_eval(summary: dict, fmt: str) -> str:
+    """`clip eval`'s result (evaluate.Metrics.to_json() plus "errors") as text in `fmt` (table, csv or json).
+
+    csv: one row per true class (label, images, recall, precision) and its confusion-matrix row as one
+    `predicted:<label>` column per label; an undefined figure is an empty cell (json: null; table: -)."""
+    labels: list[str] = summary["labels"]
+    if fmt == "json":
+        # Indented, with each confusion-matrix row on one line so that the matrix reads as one.
+        marker = "\0confusion\0"
+        rows = ",\n".join("    " + _json(row) for row in summary["confusion_matrix"])
+        text = _json({**summary, "confusion_matrix": marker}, indent=2)
+        matrix = f"[\n{rows}\n  ]" if rows else "[]"
+        return text.replace(f'"confusion_matrix": {_json(marker)}', f'"confusion_matrix": {matrix}', 1) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["label", "images", "recall", "precision", *(f"predicted:{label}" for label in labels)])
+        for label, row in zip(labels, summary["confusion_matrix"], strict=True):
+            writer.writerow([label, summary["support"][label], _figure(summary["per_class_recall"][label], ""),
+                             _figure(summary["per_class_precision"][label], ""), *row])
+        return buffer.getvalue()
+    if fmt == "table":
+        return _eval_table(summary)
+    raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(EVAL_FORMATS)}")
+
+
+def _figure(value: float | None, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.4f}"
+
+
+def _eval_table(summary: dict) -> str:
+    """Metrics, then one line per class, then the confusion matrix (classes numbered) when it fits in 30 columns.
+    Every row is one line: labels have line breaks and control characters escaped and are cut at 40 characters."""
+    labels: list[str] = summary["labels"]
+    shown = [_cut(display_line(label), 40) for label in labels]
+    with_images = sum(1 for label in labels if summary["support"][label])
+    lines = [
+        f"{'images':<23}{summary['n']} in {len(labels)} classes",
+        f"{'acc1':<23}{_figure(summary['acc1'])}",
+        f"{'acc5':<23}{_figure(summary['acc5'])}" + ("  (needs at least 5 classes)" if len(labels) < 5 else ""),
+        f"{'mean_per_class_recall':<23}{_figure(summary['mean_per_class_recall'])}"
+        f"  (over the {with_images} classes with images)",
+        "",
+    ]
+    width = max([5, *(len(label) for label in shown)])
+    lines.append(f"{'class':<{width}}  {'images':>6}  {'recall':>6}  {'precision':>9}")
+    for label, name in zip(labels, shown, strict=True):
+        lines.append(f"{name:<{width}}  {summary['support'][label]:>6}  "
+                     f"{_figure(summary['per_class_recall'][label]):>6}  "
+                     f"{_figure(summary['per_class_precision'][label]):>9}")
+    lines.append("")
+    matrix = summary["confusion_matrix"]
+    if len(labels) > 30:
+        lines.append(f"confusion matrix: {len(labels)} x {len(labels)}, too wide for a table; see --format json "
+                     "or --output report.html")
+        return "\n".join(lines) + "\n"
+    cell = max([len(str(len(labels))), *(len(str(value)) for row in matrix for value in row)]) + 1
+    lead = len(str(len(labels))) + 1 + width
+    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    lines.append(" " * lead + "".join(f"{number:>{cell}}" for number in range(1, len(labels) + 1)))
+    for number, (name, row) in enumerate(zip(shown, matrix, strict=True), 1):
+        lines.append(f"{number:>{len(str(len(labels)))}} {name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -42,6 +42,7 @@ class Settings:
     fast_decode: bool = False
     batch_size: int = 32
     workers: int | None = None  # decoding threads; None: one per CPU core
+    ahead: int | None = None  # stretches decoded during each model call; None: 0 on CPU, 2 on an accelerator
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -93,15 +94,19 @@ class Session:
     """One run's model and index. Resolves the model's files and fingerprint without torch, loads the model only
     when something must be computed, and reads and writes features through the index (None: no index)."""
 
-    def __init__(self, settings: Settings, index: Index | None = None) -> None:
+    def __init__(self, settings: Settings, index: Index | None = None, clip: Clip | None = None) -> None:
+        """`clip`: a model already loaded for `settings` (scripts that run many sessions on one model)."""
         self.settings = settings
         self.index = index if index is not None and index.usable else None
         self._files: ModelFiles | None = None
         self._fingerprint: str | None = None
         self._info: ModelInfo | None = None
         self._clip: Clip | None = None
+        self._text_clip: Clip | None = None  # the text tower alone, while no image had to be computed
         self._dtype: str | None = None
         self._device_type: str | None = None
+        if clip is not None:
+            self._use(clip)
         self.computed_images = 0  # images that went through the model in this session
         self.computed_texts = 0
 
@@ -135,7 +140,7 @@ class Session:
                 self._info = ModelInfo(int(recorded["projection_dim"]), float(recorded["logit_scale"]),
                                        int(recorded["context_length"]))
             else:
-                self.clip  # loading records it  # noqa: B018
+                self.text_clip  # loading records it  # noqa: B018
         assert self._info is not None
         return self._info
 
@@ -145,17 +150,37 @@ class Session:
         if self._clip is None:
             from clipcli.loader import load_files
 
-            clip = load_files(self.files, device=self.settings.device, dtype=self.settings.dtype)
-            self._device_type, self._dtype = clip.device.type, clip.dtype_name
-            self._info = ModelInfo(clip.config.projection_dim, clip.logit_scale,
-                                   clip.config.text.max_position_embeddings)
-            if self.index is not None and self.fingerprint is not None:
-                self.index.add_model(self.fingerprint, self.settings.model, {
-                    "projection_dim": self._info.projection_dim, "logit_scale": self._info.logit_scale,
-                    "context_length": self._info.context_length, "image_size": clip.config.vision.image_size,
-                    "source": clip.source})
-            self._clip = clip
+            self._use(load_files(self.files, device=self.settings.device, dtype=self.settings.dtype))
+            assert self._clip is not None
         return self._clip
+
+    @property
+    def text_clip(self) -> Clip:
+        """A model that can embed texts: the loaded model, else the text tower alone (loaded now)."""
+        if self._clip is not None:
+            return self._clip
+        if self._text_clip is None:
+            from clipcli.loader import load_files
+
+            self._text_clip = load_files(self.files, device=self.settings.device, dtype=self.settings.dtype,
+                                         text_only=True)
+            if self._info is None:
+                self._record(self._text_clip)
+        return self._text_clip
+
+    def _use(self, clip: Clip) -> None:
+        self._device_type, self._dtype = clip.device.type, clip.dtype_name
+        self._record(clip)
+        self._clip = clip
+
+    def _record(self, clip: Clip) -> None:
+        """Keep what runs without a model need to know of it, here and in the index."""
+        self._info = ModelInfo(clip.config.projection_dim, clip.logit_scale, clip.config.text.max_position_embeddings)
+        if self.index is not None and self.fingerprint is not None:
+            self.index.add_model(self.fingerprint, self.settings.model, {
+                "projection_dim": self._info.projection_dim, "logit_scale": self._info.logit_scale,
+                "context_length": self._info.context_length, "image_size": clip.config.vision.image_size,
+                "source": clip.source})
 
     def _resolve_device(self) -> None:
         """Device type and dtype name of the run, importing torch only when the answer depends on it."""
@@ -209,7 +234,7 @@ class Session:
         found = self.index.text_features(self.fingerprint, unique) if self.index and self.fingerprint else {}
         missing = [text for text in unique if text not in found]
         if missing:
-            clip = self.clip
+            clip = self.text_clip
             features = clip.text_features(missing)
             self.computed_texts += len(missing)
             rows = [(text, row, clip.tokenizer.is_truncated(text)) for text, row in zip(missing, features, strict=True)]
@@ -332,7 +357,7 @@ class Session:
         size = self.settings.batch_size
         chunks = [todo[start:start + size] for start in range(0, len(todo), size)]
         self._resolve_device()
-        ahead = 0 if self._device_type == "cpu" else 2
+        ahead = self.settings.ahead if self.settings.ahead is not None else 0 if self._device_type == "cpu" else 2
         if ahead == 0:
             for chunk in chunks:
                 yield self._prepare(pool, chunk, known, variant)
@@ -485,12 +510,31 @@ def label_embeddings(session: Session, labels: Sequence[str], templates: Sequenc
                   [label for label in labels if label in cut])
 
 
-def classify(session: Session, paths: Sequence[str], labels: Labels, progress: Progress | None = None,
-             ) -> Iterator[ScoreBatch]:
-    """Batches of (B, L) label probabilities (softmax of logit_scale * cosine) in `paths` order."""
+def check_score(score: str, min_score: float | None = None) -> None:
+    """UsageError unless `score` is a score kind (scoring.SCORE_KINDS) and `min_score`, if given, a value such a
+    score can take (a probability threshold of 50 meant as a percentage would leave every image unlabelled)."""
+    if score not in scoring.SCORE_KINDS:
+        raise OptionError("score", score, "unknown score", f"use {{option}} {' or '.join(scoring.SCORE_KINDS)}")
+    if min_score is None:
+        return
+    low, high = scoring.score_range(score)
+    if not low <= min_score <= high:  # NaN included
+        what = "a probability" if score == "prob" else "a cosine"
+        raise OptionError("min_score", min_score, f"must be between {low:g} and {high:g} ({what}, --score {score})",
+                          f"e.g. {{option}} {0.5 if score == 'prob' else 0.25}")
+
+
+def classify(session: Session, paths: Sequence[str], labels: Labels, progress: Progress | None = None, *,
+             score: str = "prob") -> Iterator[ScoreBatch]:
+    """Batches of (B, L) float32 label scores in `paths` order: with `score` "prob" the probabilities over the labels
+    (softmax of logit_scale * cosine), with "cosine" each label's cosine similarity on its own."""
+    check_score(score)
     for batch in session.image_features(paths, progress):
-        yield ScoreBatch(batch.paths, scoring.probabilities(batch.features, labels.embeddings,
-                                                            session.info.logit_scale), batch.failures)
+        if score == "cosine":
+            scores = scoring.cosines(batch.features, labels.embeddings)
+        else:
+            scores = scoring.probabilities(batch.features, labels.embeddings, session.info.logit_scale)
+        yield ScoreBatch(batch.paths, scores, batch.failures)
 
 
 def embed_images(session: Session, paths: Sequence[str], *, normalized: bool = True,

@@ -8,7 +8,6 @@ matters."""
 from __future__ import annotations
 
 import csv
-import importlib.machinery
 import io
 import json
 import os
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import time
-import types
 from importlib.metadata import version
 from pathlib import Path
 
@@ -89,35 +87,16 @@ def test_explicit_format_must_agree_with_the_extension(tiny_model_dir, image_fol
     assert ok(invoke(*args, "-o", "-", "-f", "jsonl")).count("\n") == 4
 
 
-def test_html_report_until_report_module_exists(tiny_model_dir, image_folder, tmp_path, monkeypatch):
-    from clipcli import output
-
-    args = ("classify", image_folder, "-l", "cat,dog", "-m", tiny_model_dir, "-o", tmp_path / "r.html")
-    real_find_spec = output.importlib.util.find_spec
-    monkeypatch.setattr(output.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "clipcli.report" else real_find_spec(name, *a))
-    assert_usage_error(invoke(*args), "HTML reports are not available yet")
-    assert os.listdir(tmp_path) == []
-
-
-def test_html_report_hooks_in_through_report_render_html(tiny_model_dir, image_folder, tmp_path, monkeypatch):
-    # What report.py will provide: render_html(kind, records) -> the document. The CLI writes it atomically.
-    calls = []
-    report = types.ModuleType("clipcli.report")
-    report.__spec__ = importlib.machinery.ModuleSpec("clipcli.report", None)
-    report.render_html = lambda kind, records: calls.append((kind, records)) or "<!doctype html><p>report</p>\n"
-    monkeypatch.setitem(sys.modules, "clipcli.report", report)
-    broken = tmp_path / "in" / "broken.png"
-    broken.parent.mkdir()
-    broken.write_bytes(b"not a png")
-    shutil.copy(image_folder / "a.jpg", tmp_path / "in" / "a.jpg")
-    result = invoke("classify", tmp_path / "in", "-l", "cat,dog", "-m", tiny_model_dir, "-o", tmp_path / "r.html")
-    assert result.exit_code == 1 and result.stdout == ""
-    assert (tmp_path / "r.html").read_text() == "<!doctype html><p>report</p>\n"
-    ((kind, records),) = calls
-    assert kind == "classify"
-    assert [r["path"] for r in records] == [str(tmp_path / "in" / "a.jpg"), str(broken)]
-    assert records[1] == {"path": str(broken), "error": "not an image file"}
+def test_html_extension_writes_the_report(tiny_model_dir, image_folder, tmp_path):
+    # report.py makes the page (tested in test_report.py); here: -o NAME.html reaches it, and only it.
+    report = tmp_path / "r.html"
+    result = invoke("classify", image_folder, "-l", "cat,dog", "-m", tiny_model_dir, "-o", report)
+    assert ok(result) == "" and result.stderr == ""
+    page = report.read_text(encoding="utf-8")
+    assert page.lstrip().lower().startswith("<!doctype html") and "a.jpg" in page
+    assert_usage_error(invoke("classify", image_folder, "-l", "cat,dog", "-m", tiny_model_dir, "-o",
+                              tmp_path / "r2.html", "-f", "json"), "--format 'json'", "r2.html", "html file")
+    assert sorted(os.listdir(tmp_path)) == ["r.html"]
 
 
 def test_json_is_streamed_exactly_as_one_dump(tiny_model_dir, image_folder, tmp_path):

@@ -1,0 +1,487 @@
+"""The embedding index against cli-contract.md ("The embedding index"): warm runs equal cold ones (bit for bit) and
+--no-index runs (to float rounding), entries follow file content (not names, sizes or times), other models,
+precisions and decode modes never share entries, interrupted runs resume, concurrent runs complete, and every fault
+(damaged, foreign, newer, unwritable, full, locked) is one warning and a correct run. Model work is counted by
+wrapping Clip.image_features / Clip.text_features in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipcli import index as index_module
+from clipcli import loader
+from tests.conftest import make_hf_checkpoint, photo
+from tests.test_cli import clip_command, clip_env, invoke
+
+LABELS = "cat,dog,red car"
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Images and texts that went through the model in this test (in-process runs)."""
+    counts = {"images": 0, "texts": 0, "loads": 0, "text-only loads": 0}
+    image_features, text_features, load_files = loader.Clip.image_features, loader.Clip.text_features, loader.load_files
+
+    def count_images(self, pixels):
+        counts["images"] += len(pixels)
+        return image_features(self, pixels)
+
+    def count_texts(self, texts, batch_size=256):
+        counts["texts"] += len(texts)
+        return text_features(self, texts, batch_size)
+
+    def count_loads(*args, **kwargs):
+        counts["text-only loads" if kwargs.get("text_only") else "loads"] += 1
+        return load_files(*args, **kwargs)
+
+    monkeypatch.setattr(loader.Clip, "image_features", count_images)
+    monkeypatch.setattr(loader.Clip, "text_features", count_texts)
+    monkeypatch.setattr(loader, "load_files", count_loads)
+    return counts
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Six small photos in two folders, made for this test (so their stat memo entries are its own)."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    for i in range(6):
+        photo(40 + 3 * i, 30 + 2 * i, seed=i).save(root / ("sub" if i % 2 else ".") / f"p{i}.png")
+    return root
+
+
+def run(*args: object, index: Path | None, expect: int = 0):
+    result = invoke(*args, *(["--index", index] if index is not None else ["--no-index"]))
+    assert result.exit_code == expect, (result.exit_code, result.stderr, result.exception)
+    return result
+
+
+def scores(result) -> dict[str, dict[str, float]]:
+    return {row["path"]: row["scores"] for row in map(json.loads, result.stdout.splitlines())}
+
+
+def classify(model: Path, target: Path, index: Path | None, *extra: object) -> dict[str, dict[str, float]]:
+    return scores(run("classify", target, "-l", LABELS, "-f", "jsonl", "-m", model, *extra, index=index))
+
+
+def embed(model: Path, target: Path, out: Path, index: Path | None, *extra: object) -> np.ndarray:
+    run("embed", target, "-o", out, "-m", model, *extra, index=index)
+    return np.load(out)
+
+
+def assert_close(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for path in a:
+        np.testing.assert_allclose([a[path][k] for k in sorted(a[path])], [b[path][k] for k in sorted(b[path])],
+                                   atol=atol, rtol=0)
+
+
+def one_warning(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1, stderr
+    assert "index" in lines[0] and "goes on without it" in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity and reuse
+
+
+def test_warm_runs_equal_cold_bit_for_bit_and_no_index_to_rounding(tiny_model_dir, folder, tmp_path, calls):
+    index = tmp_path / "index.db"
+    cold = embed(tiny_model_dir, folder, tmp_path / "cold.npy", index, "--batch-size", "4")
+    assert calls["images"] == 6
+    warm = embed(tiny_model_dir, folder, tmp_path / "warm.npy", index, "--batch-size", "4")
+    assert calls["images"] == 6  # nothing computed again
+    np.testing.assert_array_equal(warm, cold)
+    assert (tmp_path / "warm.paths.txt").read_text() == (tmp_path / "cold.paths.txt").read_text()
+    # Without the index, batches group images differently: equal to float rounding.
+    plain = embed(tiny_model_dir, folder, tmp_path / "plain.npy", None, "--batch-size", "3")
+    np.testing.assert_allclose(plain, cold, atol=1e-6, rtol=0)
+    assert calls["images"] == 12
+    raw = embed(tiny_model_dir, folder, tmp_path / "raw.npy", index, "--no-normalize")
+    assert calls["images"] == 12  # raw features are what is stored: --no-normalize reads the same entries
+    np.testing.assert_array_equal((raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32), cold)
+    assert_close(classify(tiny_model_dir, folder, index), classify(tiny_model_dir, folder, None))
+
+
+def test_a_warm_run_needs_no_model_and_reads_no_image(tiny_model_dir, folder, tmp_path, calls, monkeypatch):
+    index = tmp_path / "index.db"
+    monkeypatch.setattr(index_module, "RACY_NS", 0)  # files made a moment ago are "racy" (re-read) otherwise
+    first = classify(tiny_model_dir, folder, index)
+    from clipcli import pipeline
+
+    reads: list[str] = []
+    real = pipeline.read_image_file
+    monkeypatch.setattr(pipeline, "read_image_file", lambda path: reads.append(path) or real(path))
+    before = dict(calls)
+    assert classify(tiny_model_dir, folder, index) == first
+    assert reads == [] and calls == before  # stat memo + stored features and prompts: no model, no bytes
+
+
+def test_the_text_tower_alone_gives_the_same_text_features(tiny_model_dir):
+    from clipcli.resolve import resolve
+
+    files = resolve(str(tiny_model_dir))
+    full, text = loader.load_files(files, device="cpu"), loader.load_files(files, device="cpu", text_only=True)
+    texts = ["a photo of a cat.", "two dogs on a sofa", ""]
+    np.testing.assert_array_equal(text.text_features(texts), full.text_features(texts))
+    assert text.logit_scale == full.logit_scale and text.text_only
+    assert all(p.is_meta for name, p in text.model.named_parameters() if name.startswith("vision_model."))
+    with pytest.raises(loader.UsageError, match="texts only"):
+        text.image_features([np.zeros((3, 32, 32), dtype=np.float32)])
+
+
+def test_a_warm_run_imports_no_torch(tiny_model_dir, folder, tmp_path):
+    index = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, index)
+    code = ("import sys, json; from typer.testing import CliRunner; from clipcli.cli import app; "
+            "r = CliRunner().invoke(app, sys.argv[1:]); print(json.dumps([r.exit_code, 'torch' in sys.modules]))")
+    args = ["classify", str(folder), "-l", LABELS, "-f", "jsonl", "-m", str(tiny_model_dir), "--index", str(index)]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=clip_env())
+    assert json.loads(done.stdout.splitlines()[-1]) == [0, False], done.stderr
+
+
+def test_prompts_are_cached_and_new_labels_cost_only_their_text(tiny_model_dir, folder, tmp_path, calls):
+    index = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, index, "-t", "a photo of a {}.", "-t", "a {}")
+    # The prompts first, with the text tower alone; then images to compute: the whole model.
+    assert calls == {"images": 6, "texts": 6, "loads": 1, "text-only loads": 1}
+    classify(tiny_model_dir, folder, index, "-t", "a photo of a {}.", "-t", "a {}")
+    assert calls == {"images": 6, "texts": 6, "loads": 1, "text-only loads": 1}
+    got = scores(run("classify", folder, "-l", LABELS + ",rocket", "-f", "jsonl", "-m", tiny_model_dir,
+                     "-t", "a photo of a {}.", "-t", "a {}", index=index))
+    # Only rocket's two prompts, by the text tower alone; no image.
+    assert calls == {"images": 6, "texts": 8, "loads": 1, "text-only loads": 2}
+    expected = scores(run("classify", folder, "-l", LABELS + ",rocket", "-f", "jsonl", "-m", tiny_model_dir,
+                          "-t", "a photo of a {}.", "-t", "a {}", index=None))
+    assert_close(got, expected)
+
+
+def test_changed_content_with_the_same_size_and_mtime_is_computed_again(tiny_model_dir, tmp_path, calls,
+                                                                      monkeypatch):
+    monkeypatch.setattr(index_module, "RACY_NS", 0)  # trust the memo: only the changed ctime/inode can tell
+    index = tmp_path / "index.db"
+    target = tmp_path / "one"
+    target.mkdir()
+    image = target / "x.png"
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image, compress_level=0)
+    before = image.stat()
+    first = classify(tiny_model_dir, target, index)
+    Image.fromarray(255 - noise).save(image, compress_level=0)  # other pixels, same size
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert image.stat().st_size == before.st_size and image.stat().st_mtime_ns == before.st_mtime_ns
+    second = classify(tiny_model_dir, target, index)
+    assert calls["images"] == 2 and second != first
+    assert_close(second, classify(tiny_model_dir, target, None))
+
+
+def test_a_moved_folder_is_not_computed_again(tiny_model_dir, folder, tmp_path, calls):
+    index = tmp_path / "index.db"
+    before = classify(tiny_model_dir, folder, index)
+    moved = tmp_path / "moved"
+    os.rename(folder, moved)
+    after = classify(tiny_model_dir, moved, index)
+    assert calls["images"] == 6  # the digests are read again, the model does not run
+    assert list(after.values()) == list(before.values())
+    shutil.copytree(moved, tmp_path / "copy")  # a copy too
+    classify(tiny_model_dir, tmp_path / "copy", index)
+    assert calls["images"] == 6
+
+
+def test_other_models_precisions_and_decode_modes_never_share_entries(tiny_model_dir, folder, tmp_path, calls):
+    index = tmp_path / "index.db"
+    other = make_hf_checkpoint(tmp_path / "other", seed=1)
+    classify(tiny_model_dir, folder, index)
+    assert calls["images"] == 6
+    for extra in (["--fast-decode"], ["--dtype", "bf16"]):
+        classify(tiny_model_dir, folder, index, *extra)
+    assert calls["images"] == 18
+    assert_close(classify(other, folder, index), classify(other, folder, None))
+    assert calls["images"] == 30
+    for extra in ([], ["--fast-decode"], ["--dtype", "bf16"]):
+        classify(tiny_model_dir, folder, index, *extra)
+    assert calls["images"] == 30  # each variant kept its own entries
+
+
+def test_a_model_with_other_weights_under_the_same_path_is_a_new_model(tiny_model_dir, folder, tmp_path, calls):
+    index = tmp_path / "index.db"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    first = classify(model, folder, index)
+    shutil.rmtree(model)
+    make_hf_checkpoint(model, seed=2)
+    assert_close(classify(model, folder, index), classify(model, folder, None))
+    assert calls["images"] == 18 and classify(model, folder, index) != first
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `clip index`
+
+
+def summary(result) -> tuple[int, int, int, int]:
+    line = result.stderr.strip().splitlines()[-1]
+    found = re.search(r"(\d+) new, (\d+) updated, (\d+) unchanged, (\d+) failed", line)
+    assert found, result.stderr
+    return tuple(int(n) for n in found.groups())  # type: ignore[return-value]
+
+
+def test_index_command_counts_new_updated_unchanged_and_failed(tiny_model_dir, folder, tmp_path):
+    index = tmp_path / "index.db"
+    assert summary(run("index", folder, "-m", tiny_model_dir, index=index)) == (6, 0, 0, 0)
+    assert summary(run("index", folder, "-m", tiny_model_dir, index=index)) == (0, 0, 6, 0)
+    photo(50, 50, seed=99).save(folder / "p0.png")  # changed in place
+    photo(20, 20, seed=98).save(folder / "new.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    result = run("index", folder, "-m", tiny_model_dir, index=index, expect=1)
+    assert summary(result) == (1, 1, 5, 1)
+    assert f"{folder / 'broken.png'}: not an image file" in result.stderr
+
+
+def test_index_info_prune_and_clear(tiny_model_dir, folder, tmp_path):
+    index = tmp_path / "index.db"
+    run("index", folder, "-m", tiny_model_dir, index=index)
+    run("classify", folder, "-l", LABELS, "-m", tiny_model_dir, index=index)
+    info = run("index", index=index).stdout
+    assert str(index) in info and str(tiny_model_dir) in info
+    assert re.search(r"fp32, exact decode: 6 images, 3 prompts", info), info
+    (folder / "p0.png").unlink()
+    pruned = run("index", "--prune", index=index)
+    assert "1 file(s) that are gone, 1 embedding(s)" in pruned.stderr
+    assert "5 images" in run("index", index=index).stdout
+    run("index", "--clear", index=index)
+    assert "no embeddings yet" in run("index", index=index).stdout
+
+
+def test_index_command_without_an_index_file(tmp_path):
+    result = invoke("index", "--index", tmp_path / "nothing.db")
+    assert result.exit_code == 2 and "no index" in result.stderr
+    assert not (tmp_path / "nothing.db").exists()
+
+
+@pytest.mark.parametrize("action", [[], ["--prune"], ["--clear"]])
+def test_index_command_on_a_file_that_is_not_an_index_is_a_usage_error(tmp_path, action):
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes\n" * 100)
+    result = invoke("index", *action, "--index", target)
+    assert result.exit_code == 2 and result.stdout == "", result.stderr
+    assert result.stderr.startswith(f"error: the index {target} is damaged or not an index")
+    assert len(result.stderr.splitlines()) == 1
+    assert target.read_text() == "my notes\n" * 100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# location and privacy
+
+
+def test_default_location_is_private_and_no_index_touches_nothing(tiny_model_dir, folder, tmp_path):
+    cache = tmp_path / "cache"
+    env = {"XDG_CACHE_HOME": str(cache), "CLIP_INDEX": ""}
+    result = invoke("classify", folder, "-l", LABELS, "-m", tiny_model_dir, "--no-index", env=env)
+    assert result.exit_code == 0 and not cache.exists()
+    result = invoke("classify", folder, "-l", LABELS, "-m", tiny_model_dir, env=env)
+    assert result.exit_code == 0, result.stderr
+    db = cache / "clipcli" / "index.db"
+    assert db.is_file()
+    assert (cache / "clipcli").stat().st_mode & 0o777 == 0o700
+    assert cache.stat().st_mode & 0o777 == 0o700  # every folder the tool creates for it
+    assert db.stat().st_mode & 0o777 == 0o600
+    before = db.read_bytes()
+    result = invoke("classify", folder, "-l", "x,y", "-m", tiny_model_dir, "--no-index", env=env)
+    assert result.exit_code == 0 and db.read_bytes() == before
+    elsewhere = tmp_path / "elsewhere.db"
+    result = invoke("classify", folder, "-l", LABELS, "-m", tiny_model_dir,
+                    env={**env, "CLIP_INDEX": str(elsewhere)})
+    assert result.exit_code == 0 and elsewhere.is_file() and db.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# interrupted and concurrent runs (real processes)
+
+
+def index_rows(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute("SELECT count(*) FROM image_keys").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_sigkill_mid_run_keeps_the_finished_batches_and_a_rerun_completes(tiny_model_dir, many_images, tmp_path):
+    db = tmp_path / "index.db"
+    args = [*clip_command(), "index", str(many_images), "-m", str(tiny_model_dir), "--index", str(db),
+            "--batch-size", "4", "--workers", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clip_env())
+    try:
+        deadline = time.monotonic() + 60
+        while index_rows(db) < 16 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    kept = index_rows(db)
+    assert 16 <= kept < 400
+    rerun = subprocess.run(args, capture_output=True, text=True, env=clip_env(), timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    new, updated, unchanged, failed = summary(subprocess.CompletedProcess(args, 0, "", rerun.stderr))
+    assert (new + unchanged, updated, failed) == (400, 0, 0) and unchanged >= kept  # only the rest was computed
+    assert index_rows(db) == 400
+
+
+def test_two_concurrent_runs_on_one_index_both_complete(tiny_model_dir, many_images, tmp_path):
+    db = tmp_path / "index.db"
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    procs = [subprocess.Popen([*clip_command(), "classify", str(many_images), "-l", LABELS, "-f", "jsonl",
+                               "-o", str(out), "-m", str(tiny_model_dir), "--index", str(db), "--batch-size", "8"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clip_env()) for out in outs]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and b"warning" not in stderr, stderr
+    first, second = ({r["path"]: r["scores"] for r in map(json.loads, out.read_text().splitlines())} for out in outs)
+    assert len(first) == 400
+    assert_close(first, second)
+    assert index_rows(db) == 400
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# faults: one warning, a correct run, nothing of the user's lost
+
+
+@pytest.fixture
+def reference(tiny_model_dir, folder) -> dict:
+    return classify(tiny_model_dir, folder, None)
+
+
+def faulty_run(tiny_model_dir, folder, index: Path, reference: dict) -> str:
+    result = invoke("classify", folder, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, "--index", index)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert_close(scores(result), reference)
+    return one_warning(result.stderr)
+
+
+@pytest.mark.parametrize("content", [
+    pytest.param(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40, id="a-png"),
+    pytest.param(b"", id="empty-but-a-folder"),
+])
+def test_a_file_that_is_not_an_index_is_left_alone(tiny_model_dir, folder, tmp_path, reference, content):
+    target = tmp_path / "photo.png"
+    if content:
+        target.write_bytes(content)
+    else:
+        target.mkdir()
+    line = faulty_run(tiny_model_dir, folder, target, reference)
+    assert "damaged or not an index" in line or "is a folder" in line
+    if content:
+        assert target.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["photo.png", "photos"])  # no -wal/-shm beside it
+
+
+def test_another_programs_sqlite_file_is_left_alone(tiny_model_dir, folder, tmp_path, reference):
+    target = tmp_path / "other.db"
+    with sqlite3.connect(target) as con:
+        con.execute("CREATE TABLE notes (body TEXT)")
+        con.execute("INSERT INTO notes VALUES ('keep me')")
+    before = target.read_bytes()
+    assert "not a clipcli index" in faulty_run(tiny_model_dir, folder, target, reference)
+    assert target.read_bytes() == before
+
+
+def test_an_index_from_a_newer_clipcli_is_left_alone(tiny_model_dir, folder, tmp_path, reference):
+    target = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, target)
+    with sqlite3.connect(target) as con:
+        con.execute(f"PRAGMA user_version={index_module.SCHEMA_VERSION + 1}")
+    before = target.read_bytes()
+    assert "newer clipcli" in faulty_run(tiny_model_dir, folder, target, reference)
+    assert target.read_bytes() == before
+
+
+def test_a_damaged_index_gives_a_warning_and_correct_results(tiny_model_dir, folder, tmp_path, reference):
+    target = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, target)
+    with sqlite3.connect(target) as con:  # everything in the main file
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(target.read_bytes())
+    with sqlite3.connect(target) as con:
+        vector = con.execute("SELECT data FROM vectors LIMIT 1").fetchone()[0]
+    at = bytes(data).find(vector)
+    assert at > 0
+    data[at + 8:at + 12] = b"\x7f\x7f\x7f\x7f"  # one float of a stored vector
+    target.write_bytes(bytes(data))
+    assert "damaged" in faulty_run(tiny_model_dir, folder, target, reference)
+
+
+def test_a_truncated_index_gives_a_warning_and_correct_results(tiny_model_dir, folder, tmp_path, reference):
+    target = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, target)
+    with sqlite3.connect(target) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(target, "r+b") as handle:
+        handle.truncate(target.stat().st_size // 2)
+    faulty_run(tiny_model_dir, folder, target, reference)
+
+
+def test_an_unwritable_location_gives_a_warning_and_correct_results(tiny_model_dir, folder, tmp_path, reference):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert "cannot be written" in faulty_run(tiny_model_dir, folder, blocker / "index.db", reference)
+    if Path("/proc/self").is_dir():  # a read-only place even for root
+        faulty_run(tiny_model_dir, folder, Path("/proc/self/clipcli-index.db"), reference)
+
+
+def test_a_locked_index_gives_a_warning_and_correct_results(tiny_model_dir, folder, tmp_path, reference,
+                                                          monkeypatch):
+    target = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, target)
+    monkeypatch.setattr(index_module, "BUSY_TIMEOUT_MS", 200)
+    holder = sqlite3.connect(target, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        assert "locked" in faulty_run(tiny_model_dir, folder, target, reference)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
+def test_a_full_disk_gives_a_warning_and_correct_results(tiny_model_dir, many_images, tmp_path):
+    # No file may grow past 1 MB, as on a full disk: the index's write-ahead log (64 KiB pages) hits that after a few
+    # batches, so its writes fail part-way through the run.
+    import resource
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    target = tmp_path / "index.db"
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for path in sorted(many_images.iterdir())[:120]:
+        shutil.copy(path, subset)
+    args = ["classify", str(subset), "-l", LABELS, "-f", "jsonl", "-m", str(tiny_model_dir), "--batch-size", "8"]
+    full = subprocess.run([*clip_command(), *args, "--index", str(target)], capture_output=True, text=True,
+                          env=clip_env(), preexec_fn=limit_file_size, timeout=120)
+    assert full.returncode == 0, full.stderr
+    assert "disk is full" in one_warning(full.stderr) or "cannot be used" in one_warning(full.stderr)
+    plain = subprocess.run([*clip_command(), *args, "--no-index"], capture_output=True, text=True, env=clip_env(),
+                           timeout=120)
+    assert_close({r["path"]: r["scores"] for r in map(json.loads, full.stdout.splitlines())},
+                 {r["path"]: r["scores"] for r in map(json.loads, plain.stdout.splitlines())})
