@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -112,6 +113,21 @@ ExcludeOpt = Annotated[list[str] | None, typer.Option(
     "--exclude", metavar="GLOB",
     help="Skip files and folders whose name, path under PATH, or path as shown matches GLOB (repeatable; "
     "'raw/' matches folders only): --exclude '*.tmp' --exclude 'thumbs/'.")]
+class Engine(str, Enum):
+    """--engine values (engines.ENGINES)."""
+
+    local = "local"
+    ray = "ray"
+
+
+EngineOpt = Annotated[Engine, typer.Option(
+    "--engine", metavar="[local|ray]",
+    help="local: this process. ray: decode and run the model on a Ray cluster (--address; needs clipcli[ray]); "
+    "every image is computed there and the embedding index is neither read nor written.")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", envvar="RAY_ADDRESS", metavar="ADDR", show_default=False,
+    help="With --engine ray: the Ray cluster to join (ray://host:10001, host:6379, auto) [default: a local Ray "
+    "started for the run].")]
 MaxPixelsOpt = Annotated[str | None, typer.Option(
     "--max-megapixels", metavar="N|none",
     help="Pillow's decompression-bomb limit: larger images are refused [default: about 89]. Raise it, or none, "
@@ -148,8 +164,10 @@ MinScoreOpt = Annotated[float | None, typer.Option(
 
 @contextmanager
 def _session(model: str, device: str, dtype: Dtype | str, fast_decode: bool, batch_size: int, workers: int | None,
-             index: Path | None, no_index: bool) -> Iterator[Session]:
-    """The run's Session, its index open for the run (none with --no-index)."""
+             index: Path | None, no_index: bool, engine: Engine = Engine.local,
+             address: str | None = None) -> Iterator[Session]:
+    """The run's Session, its index open for the run (none with --no-index); with --engine ray, a RaySession (no
+    index) whose cluster is left when the run ends."""
     from clipcli.index import default_location, open_index
     from clipcli.pipeline import Session, Settings
     from clipcli.process import keep_freed_memory
@@ -157,6 +175,10 @@ def _session(model: str, device: str, dtype: Dtype | str, fast_decode: bool, bat
     keep_freed_memory()  # process-wide malloc setting: this program's to choose, measured in benchmarks/README.md
     settings = Settings(model=model, device=device, dtype=getattr(dtype, "value", dtype), fast_decode=fast_decode,
                         batch_size=batch_size, workers=workers)
+    if engine == Engine.ray:
+        with _ray_engine().RaySession(settings, address) as ray_session:
+            yield ray_session
+        return
     store = open_index(None if no_index else (index or default_location()), warn)
     try:
         yield Session(settings, store)
@@ -202,6 +224,8 @@ def classify(
     fast_decode: FastOpt = False,
     index: IndexOpt = None,
     no_index: NoIndexOpt = False,
+    engine: EngineOpt = Engine.local,
+    address: AddressOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -234,10 +258,13 @@ def classify(
     if target is not None:
         out.check_writable(Path(target))
     _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))
+    if engine == Engine.ray:
+        _ray_engine()  # installed, before any work
     images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
     if target is not None:
         out.check_not_an_input([Path(target)], images)
-    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index, engine,
+                  address) as session:
         label_set = pipeline.label_embeddings(session, label_list, prompt_templates)
         for label in label_set.truncated:
             warn(f"label '{label}' is longer than the model's {session.info.context_length}-token context and "
@@ -295,6 +322,8 @@ def embed(
     fast_decode: FastOpt = False,
     index: IndexOpt = None,
     no_index: NoIndexOpt = False,
+    engine: EngineOpt = Engine.local,
+    address: AddressOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -332,12 +361,15 @@ def embed(
     files = embedfile.output_files(output)  # a known extension, and pyarrow for .parquet, before any work
     for path in files:  # an embeddings file and the files beside it need real files
         out.check_writable(path, stream_ok=False)
+    if engine == Engine.ray:
+        _ray_engine()  # installed, before any work
     failures: list[Failure] = []
     images: list[str] = []
     if not texts:
         images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
         out.check_not_an_input(files, images)
-    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index, engine,
+                  address) as session:
         meta = embedfile.EmbeddingMeta(
             model=model, model_id=canonical_name(model), fingerprint=session.model_fingerprint(),
             precision="fp32" if texts else session.precision,  # texts are always encoded in float32
@@ -885,6 +917,13 @@ def _warn_if_one_label(labels: list[str], score: str) -> None:
     if len(labels) == 1 and score == "prob":
         warn(f"with one label every image scores 100% for '{labels[0]}'; use --score cosine (with --min-score) to "
              "judge each image on its own, or give more labels")
+
+
+def _ray_engine() -> ModuleType:
+    """The Ray engine module (clipcli.engines.ray), or the UsageError that names the extra to install."""
+    from clipcli.engines import ray_engine
+
+    return ray_engine()
 
 
 def _is_report(output: Path) -> bool:
