@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import statistics
 import subprocess
 import sys
@@ -56,9 +57,13 @@ _DRIVER = (
 )
 
 
+# A local Ray uses token authentication; a token in the environment keeps Ray from writing one to ~/.ray.
+_TOKEN = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
 def run_clip(args: list[str], meter: OtherLoad) -> tuple[float, float, str]:
     """Run `clip args` (stdout discarded): wall seconds, the driver's peak RSS in MiB, and its stderr."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **_TOKEN}
     env.pop("RAY_ADDRESS", None)
     with meter:
         start = time.perf_counter()

@@ -368,8 +368,9 @@ def embed(
     if not texts:
         images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
         out.check_not_an_input(files, images)
-    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index, engine,
-                  address) as session:
+    # Texts are encoded here whatever the engine: a cluster would only add its start-up.
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index,
+                  Engine.local if texts else engine, address) as session:
         meta = embedfile.EmbeddingMeta(
             model=model, model_id=canonical_name(model), fingerprint=session.model_fingerprint(),
             precision="fp32" if texts else session.precision,  # texts are always encoded in float32

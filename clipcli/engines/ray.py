@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
@@ -31,10 +30,11 @@ from clipcli.errors import ClipError, InputError, OptionError, UsageError, one_l
 from clipcli.inputs import Failure
 from clipcli.pipeline import FeatureBatch, Progress, Session, Settings, default_workers
 from clipcli.preprocess import PreprocessConfig, decode_image, preprocess, read_image_file
-from clipcli.resolve import ModelFiles, model_file_roles, weights_file
 
 if TYPE_CHECKING:
+    from clipcli.config import CLIPConfig
     from clipcli.loader import Clip
+    from clipcli.tokenizer import ClipTokenizer
 
 MAX_BLOCK_ROWS = 1024  # paths per input block: one decode task's share (see block_rows)
 _QUIET = logging.CRITICAL + 1  # above every level: Ray's own console loggers print nothing
@@ -136,41 +136,37 @@ def decode_batch(batch: dict[str, np.ndarray], config: PreprocessConfig, draft: 
 
 @dataclass(frozen=True)
 class ModelPayload:
-    """A model's files in the object store, put there once by the driver, so that every worker loads the very files
-    the driver resolved, whatever its disks hold: {file name: ref of its bytes}, and either the Hugging Face directory
-    they form or the name of the one checkpoint file."""
+    """The driver's loaded model, as the workers get it: its float32 state dict (transformers' names) in the object
+    store, put there once, so that no worker needs the model's files, a Hub download or the driver's paths; and the
+    config, tokenizer and preprocessing that go with it."""
 
-    spec: str
-    files: dict[str, Any]  # file name -> ray.ObjectRef of a uint8 array
-    checkpoint: str | None  # the checkpoint file's name; None: the files form a Hugging Face directory
+    config: CLIPConfig
+    state: Any  # ray.ObjectRef of {name: float32 array}, or the dict itself
+    tokenizer: ClipTokenizer
+    preprocess: PreprocessConfig
+    source: str
+    weights_dtype: str
 
     @classmethod
-    def put(cls, files: ModelFiles) -> ModelPayload:
-        """Put every file of `files` that decides the model (resolve.model_file_roles) in the object store."""
-        refs = {path.name: ray.put(np.fromfile(path, dtype=np.uint8)) for _, path in model_file_roles(files)}
-        return cls(files.spec, refs, None if files.directory is not None else weights_file(files).name)
+    def put(cls, clip: Clip) -> ModelPayload:
+        """The payload of a loaded float32 CPU model (the driver's), its weights put in the object store."""
+        state = {name: tensor.numpy() for name, tensor in clip.model.state_dict().items()}
+        return cls(clip.config, ray.put(state), clip.tokenizer, clip.preprocess, clip.source, clip.weights_dtype)
 
     def load(self, device: str, dtype: str) -> Clip:
-        """The model, through loader.load_files from a private temp copy of the files (removed once loaded). A
-        UsageError names the files as the driver knows them, not the copy."""
-        from clipcli.loader import load_files
+        """The model on `device` in `dtype` (loader.resolve_device / resolve_dtype / place_model, as load_files)."""
+        import torch
 
-        folder = Path(tempfile.mkdtemp(prefix="clipcli-model-"))
-        try:
-            for name, ref in self.files.items():
-                data = ref if isinstance(ref, np.ndarray) else ray.get(ref)
-                with open(folder / name, "wb") as handle:
-                    np.asarray(data, dtype=np.uint8).tofile(handle)
-            if self.checkpoint is None:
-                copy, files = str(folder), ModelFiles(self.spec, folder, None)
-            else:
-                copy, files = str(folder / self.checkpoint), ModelFiles(self.spec, None, folder / self.checkpoint)
-            try:
-                return load_files(files, device=device, dtype=dtype)
-            except ClipError as err:  # a plain UsageError: OptionError's own arguments do not survive pickling
-                raise UsageError(str(err).replace(copy, self.spec)) from None
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        from clipcli.loader import Clip, place_model, resolve_device, resolve_dtype
+        from clipcli.weights import build_model
+
+        state = self.state if isinstance(self.state, dict) else ray.get(self.state)
+        target = resolve_device(device)
+        chosen = resolve_dtype(dtype, target)
+        # A private, writable copy of each tensor: the object store's arrays are read-only and shared.
+        model = build_model(self.config, {name: torch.from_numpy(np.array(array)) for name, array in state.items()})
+        return Clip(place_model(model, target, chosen), self.tokenizer, self.preprocess, self.source, chosen,
+                    weights_dtype=self.weights_dtype)
 
 
 class ImageTower:
@@ -186,7 +182,7 @@ class ImageTower:
         self.fatal = b""
         try:
             self.clip = model.load(device, dtype)
-        except UsageError as err:
+        except ClipError as err:
             # Sent back as data, in the `fatal` column, for the driver to raise: an exception raised here would
             # reach it as an ActorDiedError holding only a traceback's text (Ray does not pickle the cause).
             self.fatal = str(err).encode("utf-8", "surrogateescape")
@@ -239,7 +235,7 @@ class RaySession(Session):
         if self._started:
             return
         self.files  # noqa: B018 (resolves the model, or raises its UsageError)
-        self._loading = threading.Thread(target=self._load_text_tower, name="clip-load", daemon=True)
+        self._loading = threading.Thread(target=self._load_model, name="clip-load", daemon=True)
         self._loading.start()
         try:
             self._temp_dir = tempfile.mkdtemp(prefix="clipcli-ray-")
@@ -252,28 +248,33 @@ class RaySession(Session):
                 raise cause from None
             raise
 
-    def _load_text_tower(self) -> None:
+    def _load_model(self) -> None:
         try:
-            Session.text_clip.fget(self)  # type: ignore[attr-defined]
-        except BaseException as err:  # raised where the model is needed (text_clip)
+            Session.clip.fget(self)  # type: ignore[attr-defined]
+        except BaseException as err:  # raised where the model is needed (clip, text_clip)
             self._load_error = err
 
     @property
-    def text_clip(self) -> Clip:
-        """The driver's model (text tower), once the thread loading it beside the cluster's start is done."""
+    def clip(self) -> Clip:
+        """The driver's model, on its CPU in float32, once the thread loading it beside the cluster's start is done:
+        loaded and checked as the local engine loads it, the texts encoded with it, its weights sent to the workers."""
         if self._loading is not None:
             self._loading.join()
             self._loading = None
             if self._load_error is not None:
                 raise self._load_error
-        return super().text_clip
+        return super().clip
+
+    @property
+    def text_clip(self) -> Clip:
+        return self.clip
 
     @property
     def plan(self) -> Plan:
         """How this run uses the cluster."""
         if self._plan is None:
             self.start()
-            self.text_clip  # noqa: B018 (the plan's dtype check imports torch; the model is loaded by then)
+            self.clip  # noqa: B018 (the plan's dtype check imports torch; the model is loaded by then)
             self._plan = plan_for(cluster_resources(), self.requested.device, self.requested.dtype)
         return self._plan
 
@@ -288,11 +289,11 @@ class RaySession(Session):
         if not paths:
             return
         plan = self.plan
-        config = self.text_clip.preprocess  # the driver's copy of the model: the local engine's preprocessing
+        config = self.clip.preprocess  # the local engine's preprocessing
         draft = config.draft_size if self.settings.fast_decode else None
         done = 0
         try:
-            model = ModelPayload.put(self.files)
+            model = ModelPayload.put(self.clip)
             dataset = _dataset(paths, plan, model, config, draft, self.settings.batch_size, cluster_resources().cpus)
             for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 index = block["index"]
@@ -339,7 +340,11 @@ class RaySession(Session):
             what = f"join the Ray cluster at '{self.address}'" if self.address else "start a local Ray"
             fix = ("check --address (or RAY_ADDRESS), or omit it to start a local Ray" if self.address else
                    "pass --address of a running cluster, or use --engine local")
-            reason = os_reason(err) if isinstance(err, OSError) and err.strerror else one_line(err)
+            cause = err.__cause__ or err
+            reason = os_reason(cause) if isinstance(cause, OSError) and cause.strerror else one_line(cause)
+            if "AuthToken" in reason or "Authentication" in type(cause).__name__:
+                fix = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and its token in "
+                       "RAY_AUTH_TOKEN (or ~/.ray/auth_token)")
             raise UsageError(f"cannot {what} ({reason}); {fix}") from None
         finally:
             if threading.current_thread() is threading.main_thread():
