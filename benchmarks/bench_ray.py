@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,19 +62,51 @@ _DRIVER = (
 _TOKEN = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
-def run_clip(args: list[str], meter: OtherLoad) -> tuple[float, float, str]:
-    """Run `clip args` (stdout discarded): wall seconds, the driver's peak RSS in MiB, and its stderr."""
+# Runs the driver above as its child while being the "subreaper" of everything it starts (prctl
+# PR_SET_CHILD_SUBREAPER): Ray's processes, orphaned when the local Ray shuts down, are reaped here, so that their CPU
+# time counts as the run's (RUSAGE_CHILDREN), not as other processes'. Prints that CPU time on stderr.
+_LAUNCHER = (
+    "import ctypes, os, resource, subprocess, sys, time\n"
+    "ctypes.CDLL('libc.so.6').prctl(36, 1, 0, 0, 0)\n"
+    "code = subprocess.run([sys.executable, '-c', sys.argv[1], *sys.argv[2:]]).returncode\n"
+    "deadline = time.monotonic() + 60\n"
+    "while time.monotonic() < deadline:\n"
+    "    try:\n"
+    "        if os.waitpid(-1, os.WNOHANG) == (0, 0):\n"
+    "            time.sleep(0.05)\n"
+    "    except ChildProcessError:\n"
+    "        break\n"
+    "use = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "sys.stderr.write('run-cpu-seconds %.2f\\n' % (use.ru_utime + use.ru_stime))\n"
+    "sys.exit(code)\n"
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One command: wall seconds, the driver's peak RSS (MiB), the CPU seconds of all its processes, stderr."""
+
+    seconds: float
+    peak: float
+    cpu: float
+    stderr: str
+
+
+def run_clip(args: list[str], meter: OtherLoad) -> Run:
+    """Run `clip args` (stdout discarded) and measure it; see Run."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **_TOKEN}
     env.pop("RAY_ADDRESS", None)
     with meter:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", _DRIVER, *args], capture_output=True, text=True, cwd=REPO,
-                              env=env)
+        done = subprocess.run([sys.executable, "-c", _LAUNCHER, _DRIVER, *args], capture_output=True, text=True,
+                              cwd=REPO, env=env, stdin=subprocess.DEVNULL)
         seconds = time.perf_counter() - start
     if done.returncode not in (0, 1):
         raise SystemExit(f"clip {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}")
     peak = re.search(r"driver-peak-kib (\d+)", done.stderr)
-    return seconds, int(peak.group(1)) / 1024 if peak else float("nan"), done.stderr
+    cpu = re.search(r"run-cpu-seconds ([\d.]+)", done.stderr)
+    return Run(seconds, int(peak.group(1)) / 1024 if peak else float("nan"), float(cpu.group(1)) if cpu else
+               float("nan"), done.stderr)
 
 
 def failures(stderr: str) -> list[str]:
@@ -122,12 +155,14 @@ def cluster_sizing(model_dir: Path, photos: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each engine (default 3)")
+    parser.add_argument("--photos", type=int, default=200, help="photos in the timed runs (default 200, the target's)")
     parser.add_argument("--memory-images", type=int, nargs=2, default=[500, 5000], metavar=("SMALL", "LARGE"),
                         help="image counts of the driver-memory comparison (default 500 5000)")
     args = parser.parse_args()
 
     model_dir = checkpoint(BENCH_DIR / "vit-b-32")
-    photos = first_photos(photo_folder(BENCH_DIR / "photos", 200), 200)
+    photos = first_photos(photo_folder(BENCH_DIR / "photos", args.photos), args.photos)
+    inputs = args.photos + 2
     broken = broken_inputs(BENCH_DIR / "ray-broken")
     out = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     common = ["--model", str(model_dir), "--device", "cpu", "--batch-size", "32", "-q"]
@@ -137,20 +172,21 @@ def main() -> None:
     cluster_sizing(model_dir, image_paths(BENCH_DIR / "photos", 32))
 
     meter = OtherLoad()
-    times: dict[str, list[float]] = {"local": [], "ray": []}
-    peaks: dict[str, list[float]] = {"local": [], "ray": []}
-    stderr: dict[str, str] = {}
+    runs: dict[str, list[Run]] = {"local": [], "ray": []}
     for round_ in range(args.rounds):
         order = ("local", "ray") if round_ % 2 == 0 else ("ray", "local")
         for engine in order:
             wait_until_quiet()
             engine_args = ["--no-index"] if engine == "local" else ["--engine", "ray"]
-            seconds, peak, stderr[engine] = run_clip(
-                ["embed", str(photos), str(broken), "-o", str(out / f"{engine}.npy"), *common, *engine_args], meter)
-            times[engine].append(seconds)
-            peaks[engine].append(peak)
-            print(f"round {round_ + 1}: {engine:5s} {seconds:6.1f} s ({202 / seconds:5.2f} inputs/s), driver peak "
-                  f"{peak:6.0f} MiB, other processes {meter.samples[-1]:.2f} cores", flush=True)
+            run = run_clip(["embed", str(photos), str(broken), "-o", str(out / f"{engine}.npy"), *common,
+                            *engine_args], meter)
+            runs[engine].append(run)
+            print(f"round {round_ + 1}: {engine:5s} {run.seconds:6.1f} s ({inputs / run.seconds:5.2f} inputs/s), "
+                  f"CPU {run.cpu:6.1f} core-s, driver peak {run.peak:6.0f} MiB, other processes "
+                  f"{meter.samples[-1]:.2f} cores", flush=True)
+    times = {engine: [run.seconds for run in done] for engine, done in runs.items()}
+    cpu = {engine: [run.cpu for run in done] for engine, done in runs.items()}
+    stderr = {engine: done[-1].stderr for engine, done in runs.items()}
 
     local, ray = np.load(out / "local.npy"), np.load(out / "ray.npy")
     same_paths = (out / "local.paths.txt").read_text() == (out / "ray.paths.txt").read_text()
@@ -165,16 +201,21 @@ def main() -> None:
           f"{[round(t, 1) for t in times['local']]}, ray {statistics.median(times['ray']):.1f} "
           f"{[round(t, 1) for t in times['ray']]}")
     print(f"throughput ray / local, median of per-round ratios: {statistics.median(ratios):.2f} "
-          f"{[round(r, 2) for r in ratios]} [>= 0.7]")
+          f"{[round(r, 2) for r in ratios]} [>= 0.7 with 200 photos]")
+    cpu_ratios = [lc / rc for lc, rc in zip(cpu["local"], cpu["ray"], strict=True)]
+    print(f"CPU core-seconds of the whole run (every process), median: local {statistics.median(cpu['local']):.1f}, "
+          f"ray {statistics.median(cpu['ray']):.1f}; local / ray {statistics.median(cpu_ratios):.2f} "
+          f"{[round(r, 2) for r in cpu_ratios]} (what the wall ratio would be on an otherwise idle machine whose "
+          "cores both engines keep busy)")
 
     # Fixed costs: one photo through each engine (start, load, and for Ray start and stop a local cluster).
     one = first_photos(photos, 1)
     for engine in ("local", "ray"):
         wait_until_quiet()
         engine_args = ["--no-index"] if engine == "local" else ["--engine", "ray"]
-        seconds, _, _ = run_clip(["embed", str(one), "-o", str(out / f"one-{engine}.npy"), *common, *engine_args],
-                                 meter)
-        print(f"one photo: {engine:5s} {seconds:.1f} s (other processes {meter.samples[-1]:.2f} cores)")
+        run = run_clip(["embed", str(one), "-o", str(out / f"one-{engine}.npy"), *common, *engine_args], meter)
+        print(f"one photo: {engine:5s} {run.seconds:.1f} s, CPU {run.cpu:.1f} core-s (other processes "
+              f"{meter.samples[-1]:.2f} cores)")
 
     # Driver memory against the number of images: small JPEGs and a tiny model, written to .parquet.
     tiny = checkpoint(BENCH_DIR / "tiny-clip", tiny=True)
@@ -183,10 +224,10 @@ def main() -> None:
     memory = {}
     for count in (small, large):
         wait_until_quiet()
-        seconds, peak, _ = run_clip(["embed", str(first_photos(folder, count)), "-o", str(out / f"m{count}.parquet"),
-                                     "--model", str(tiny), "--device", "cpu", "-q", "--engine", "ray"], meter)
-        memory[count] = peak
-        print(f"memory: ray driver, {count} images: peak {peak:.0f} MiB ({seconds:.1f} s)")
+        run = run_clip(["embed", str(first_photos(folder, count)), "-o", str(out / f"m{count}.parquet"),
+                        "--model", str(tiny), "--device", "cpu", "-q", "--engine", "ray"], meter)
+        memory[count] = run.peak
+        print(f"memory: ray driver, {count} images: peak {run.peak:.0f} MiB ({run.seconds:.1f} s)")
     print(f"driver peak {large} / {small} images: {memory[large] / memory[small]:.3f} [flat: <= 1.10]")
     for path in out.iterdir():
         path.unlink()

@@ -113,6 +113,8 @@ ExcludeOpt = Annotated[list[str] | None, typer.Option(
     "--exclude", metavar="GLOB",
     help="Skip files and folders whose name, path under PATH, or path as shown matches GLOB (repeatable; "
     "'raw/' matches folders only): --exclude '*.tmp' --exclude 'thumbs/'.")]
+
+
 class Engine(str, Enum):
     """--engine values (engines.ENGINES)."""
 
@@ -126,8 +128,8 @@ EngineOpt = Annotated[Engine, typer.Option(
     "every image is computed there and the embedding index is neither read nor written.")]
 AddressOpt = Annotated[str | None, typer.Option(
     "--address", envvar="RAY_ADDRESS", metavar="ADDR", show_default=False,
-    help="With --engine ray: the Ray cluster to join (ray://host:10001, host:6379, auto) [default: a local Ray "
-    "started for the run].")]
+    help="With --engine ray: the Ray cluster to join (head-node:6379, or auto on a node of it) [default: a local "
+    "Ray started for the run].")]
 MaxPixelsOpt = Annotated[str | None, typer.Option(
     "--max-megapixels", metavar="N|none",
     help="Pillow's decompression-bomb limit: larger images are refused [default: about 89]. Raise it, or none, "

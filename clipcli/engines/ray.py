@@ -15,6 +15,7 @@ import socket
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -72,8 +73,9 @@ def plan_for(cluster: Cluster, device: str, dtype: str) -> Plan:
 
     CPU only: actors as large as the smallest node (all its cores), as many as fit, and decode tasks of the same
     size, which Ray Data therefore fuses into the actors: each actor decodes a batch on all its cores, then runs
-    the model on all of them, as the local engine does on CPU. Decode tasks beside CPU actors would share the cores
-    with the model's threads, which on 2 cores ran 1.6x slower than taking turns (benchmarks/README.md)."""
+    the model on all of them, as the local engine does on CPU, where taking turns measured faster than decoding
+    beside the model's threads (benchmarks/README.md, "Design choices"); decode tasks beside CPU actors would
+    share the cores with the model in just that way."""
     if not (device in ("auto", "cpu") or device.startswith("cuda")):
         raise OptionError("device", device, "is not available on a Ray cluster", "use {option} auto, cpu or cuda")
     gpus = int(cluster.gpus)
@@ -114,6 +116,7 @@ def decode_batch(batch: dict[str, np.ndarray], config: PreprocessConfig, draft: 
 
     `max_pixels` is the driver's Pillow decompression-bomb limit (--max-megapixels), process-wide here too.
     `threads` decode at once (Pillow releases the GIL while decoding and resizing)."""
+    _worker_settings()
     Image.MAX_IMAGE_PIXELS = max_pixels
     paths = [os.fsdecode(bytes(path)) for path in batch["path"]]
     height, width = config.output_size or (0, 0)  # fixed for every model (loader.read_preprocess checks it)
@@ -132,6 +135,15 @@ def decode_batch(batch: dict[str, np.ndarray], config: PreprocessConfig, draft: 
     else:
         errors = [decode(row) for row in range(len(paths))]
     return {"index": batch["index"], "pixels": pixels, "error": np.array(errors, dtype=object)}
+
+
+def _worker_settings() -> None:
+    """The process-wide settings the CLI makes for the local engine, made in a Ray worker, which runs this job's
+    tasks only: glibc keeps freed memory for the next batch (process.keep_freed_memory; 4-16% faster end to end on
+    CPU, benchmarks/README.md)."""
+    from clipcli.process import keep_freed_memory
+
+    keep_freed_memory()
 
 
 @dataclass(frozen=True)
@@ -163,8 +175,12 @@ class ModelPayload:
         state = self.state if isinstance(self.state, dict) else ray.get(self.state)
         target = resolve_device(device)
         chosen = resolve_dtype(dtype, target)
-        # A private, writable copy of each tensor: the object store's arrays are read-only and shared.
-        model = build_model(self.config, {name: torch.from_numpy(np.array(array)) for name, array in state.items()})
+        with warnings.catch_warnings():
+            # The object store's arrays are read-only, and the model only reads them: a CPU actor in float32 computes
+            # straight from the one copy that every actor on its node shares (other devices and dtypes copy).
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors = {name: torch.from_numpy(array) for name, array in state.items()}
+        model = build_model(self.config, tensors)
         return Clip(place_model(model, target, chosen), self.tokenizer, self.preprocess, self.source, chosen,
                     weights_dtype=self.weights_dtype)
 
@@ -176,6 +192,7 @@ class ImageTower:
     def __init__(self, model: ModelPayload, device: str, dtype: str, threads: int | None) -> None:
         import torch
 
+        _worker_settings()
         if threads is not None:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the CPUs an actor reserves; see plan_for
         self.clip: Clip | None = None
