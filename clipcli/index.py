@@ -251,7 +251,7 @@ class Index:
         with self._guard():
             if self._con is None:
                 return found
-            states = {os.fsencode(os.path.abspath(path)): (path, state) for path, state in files}
+            states = {_path_key(path, cwd): (path, state) for cwd in [os.getcwd()] for path, state in files}
             for chunk in _chunks(list(states), _CHUNK):
                 rows = self._con.execute(
                     f"SELECT path, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc FROM files "
@@ -363,12 +363,25 @@ class Index:
             variant_id = self._variant_id(variant, create=False)
             if variant_id is None:
                 return found
-            for chunk in _chunks(list(dict.fromkeys(digests)), _CHUNK):
+            # Two steps, so that each 64 KiB page of vectors is read once: the keys' row ids, then the rows in row id
+            # order (looked up in digest order, the rows' pages would be read again for nearly every row).
+            wanted = list(dict.fromkeys(digests))
+            vectors: dict[int, bytes] = {}
+            rows_at_most = self._con.execute("SELECT max(id) FROM vectors").fetchone()[0] or 0
+            if len(wanted) * 4 >= rows_at_most:  # most of the variant: one scan beats a lookup per digest
+                wanted_set = set(wanted)
+                vectors.update(row for row in self._con.execute(
+                    "SELECT vector, digest FROM image_keys WHERE variant = ?", (variant_id,)) if row[1] in wanted_set)
+            else:
+                for chunk in _chunks(wanted, _CHUNK):
+                    vectors.update(self._con.execute(
+                        f"SELECT vector, digest FROM image_keys WHERE variant = ? AND digest IN "
+                        f"({','.join('?' * len(chunk))})", [variant_id, *chunk]).fetchall())
+            for chunk in _chunks(sorted(vectors), _CHUNK):
                 rows = self._con.execute(
-                    f"SELECT k.digest, v.data, v.crc FROM image_keys k JOIN vectors v ON v.id = k.vector "
-                    f"WHERE k.variant = ? AND k.digest IN ({','.join('?' * len(chunk))})",
-                    [variant_id, *chunk]).fetchall()
-                for digest, data, crc in rows:
+                    f"SELECT id, data, crc FROM vectors WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                for vector, data, crc in rows:
+                    digest = vectors[vector]
                     found[digest] = _vector(digest, data, crc)
         return found
 
@@ -489,7 +502,7 @@ def _insert_vector(con: sqlite3.Connection, key: bytes, features: np.ndarray) ->
 
 
 def _vector(key: bytes, data: bytes, crc: int) -> np.ndarray:
-    if zlib.crc32(key + data) != crc or len(data) % 4:
+    if zlib.crc32(data, zlib.crc32(key)) != crc or len(data) % 4:
         raise IndexProblem("is damaged (an entry fails its checksum)")
     return np.frombuffer(data, dtype="<f4")
 
@@ -501,6 +514,11 @@ def _delete_orphan_vectors(con: sqlite3.Connection) -> None:
 
 def _text_key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
+
+
+def _path_key(path: str, cwd: str) -> bytes:
+    """The memo's key of a path: os.fsencode(os.path.abspath(path)), with the working folder looked up once."""
+    return os.fsencode(os.path.normpath(os.path.join(cwd, path)))
 
 
 def _stat_key(state: os.stat_result) -> tuple[int, int, int, int, int]:
