@@ -339,6 +339,159 @@ def index_command(
         raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
 
 
+@app.command()
+@handle_errors
+def search(
+    query: Annotated[str | None, typer.Argument(
+        metavar="QUERY", show_default=False,
+        help="Words to search for, embedded as given (no template). With --image, leave it out.")] = None,
+    paths: Annotated[list[str] | None, typer.Argument(
+        metavar="[PATH]...", show_default=False,
+        help="Image files and/or folders to search (walked recursively) [default: .]")] = None,
+    image: Annotated[Path | None, typer.Option(
+        "--image", show_default=False, help="Search by this example image instead of words.")] = None,
+    add: Annotated[list[str] | None, typer.Option(
+        "--add", show_default=False, help="Words to add to the query (repeatable): beach --add sunset.")] = None,
+    subtract: Annotated[list[str] | None, typer.Option(
+        "--subtract", show_default=False, help="Words to steer away from (repeatable): --subtract people.")] = None,
+    add_image: Annotated[list[Path] | None, typer.Option(
+        "--add-image", show_default=False, help="An image to add to the query (repeatable).")] = None,
+    subtract_image: Annotated[list[Path] | None, typer.Option(
+        "--subtract-image", show_default=False, help="An image to steer away from (repeatable).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Images shown, best first.")] = 10,
+    fmt: Annotated[Format, typer.Option(
+        "--format", "-f", help="table for people; csv, json or jsonl for programs.")] = Format.table,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write results here (default stdout; - is stdout too).")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Find images by words or by an example image: the most similar first (cosine of CLIP embeddings).
+
+    Images not in the embedding index yet are embedded first (and kept), so the next search is quick.
+
+    Examples:
+
+      clip search "a dog on a sofa" photos/
+
+      clip search beach --add sunset --subtract people photos/ -k 20
+
+      clip search --image cat.jpg photos/ -f jsonl
+    """
+    from clipcli import output as out
+    from clipcli import search as searching
+    from clipcli.inputs import find_images
+
+    if image is not None and query is not None:
+        paths = [query, *(paths or [])]  # with --image, every argument is a PATH
+        query = None
+    if query is None and image is None:
+        raise UsageError("nothing to search for; give a QUERY (words) or --image FILE")
+    texts = [*([query] if query is not None else []), *(add or [])]
+    for item in [*texts, *(subtract or [])]:
+        _check_utf8("query", item)
+    request = searching.Query(tuple(texts), tuple(str(p) for p in [*([image] if image else []), *(add_image or [])]),
+                              tuple(subtract or []), tuple(str(p) for p in subtract_image or []))
+    output = _checked_output(output)
+    images, failures = find_images(paths or ["."])
+    _warn_if_no_images(images, failures)
+    if output is not None:
+        out.check_not_an_input([output], images)
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
+        embedded = searching.embed_query(session, request)
+        for text in embedded.truncated:
+            warn(f"query '{text[:60]}{'…' if len(text) > 60 else ''}' is longer than the model's "
+                 f"{session.info.context_length}-token context and was truncated")
+        with out.progress_bar(len(images), quiet) as advance:
+            found = searching.search(session, images, embedded, top_k, progress=advance)
+    failures.extend(found.failures)
+    records = out.search_records([(hit.path, hit.score) for hit in found.hits])
+    _write(out.render_search(records, fmt.value), output)
+    _finish(failures)
+
+
+@app.command()
+@handle_errors
+def duplicates(
+    paths: PathsArg,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", min=-1.0, max=1.0,
+        help="Cosine similarity at or above which two images are near-duplicates.")] = 0.95,
+    fmt: Annotated[Format, typer.Option(
+        "--format", "-f", help="table for people; csv, json or jsonl for programs.")] = Format.table,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write results here (default stdout; - is stdout too).")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Find groups of near-duplicate images (resized, re-encoded, cropped copies), largest group first.
+
+    Two images are linked when the cosine of their embeddings reaches --threshold; a group is every image
+    linked to another member, directly or through others. min_score is the smallest cosine between two members.
+
+    Examples:
+
+      clip duplicates photos/
+
+      clip duplicates photos/ --threshold 0.9 -f json -o groups.json
+    """
+    from clipcli import output as out
+    from clipcli import search as searching
+    from clipcli.inputs import find_images
+
+    output = _checked_output(output)
+    images, failures = find_images(paths)
+    _warn_if_no_images(images, failures)
+    if output is not None:
+        out.check_not_an_input([output], images)
+    with (_session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session,
+          out.progress_bar(len(images), quiet) as advance):
+        found = searching.duplicates(session, images, threshold, progress=advance)
+    failures.extend(found.failures)
+    _write(out.render_duplicates(out.duplicate_records(found.groups), fmt.value), output)
+    if not quiet:
+        grouped = sum(len(paths) for paths, _ in found.groups)
+        eprint(f"{len(found.groups)} group(s) of near-duplicates ({grouped} images) among {found.compared} "
+               f"image(s) at cosine >= {threshold:g}")
+    _finish(failures)
+
+
+def _checked_output(output: Path | None) -> Path | None:
+    """-o as a file to write (None: stdout), checked writable before any work."""
+    from clipcli import output as out
+
+    if output is None or str(output) == "-":
+        return None
+    out.check_writable(output)
+    return output
+
+
+def _write(text: str, output: Path | None) -> None:
+    from clipcli import output as out
+
+    if output is None:
+        write_stdout(text)
+    else:
+        out.write_text(output, text)
+
+
+
 @app.command("convert-weights")
 @handle_errors
 def convert_weights(

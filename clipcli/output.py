@@ -102,6 +102,83 @@ def _table(rows: list[dict], color: bool) -> str:
     return buffer.getvalue()
 
 
+# ---------------------------------------------------------------------------------------------- search, duplicates
+
+SEARCH_CSV_COLUMNS = ("path", "score")
+DUPLICATES_CSV_COLUMNS = ("group", "size", "min_score", "path")  # one line per image
+
+
+def search_records(hits: Sequence[tuple[str, float]]) -> list[dict]:
+    """One dict per (path, cosine), in the order given (best first): {"path", "score"}."""
+    return [{"path": display_path(path), "score": float(score)} for path, score in hits]
+
+
+def search_table(records: list[dict], width: int | None = None, color: bool = False) -> str:
+    """rank, score (the cosine, 4 decimals) and path, one line per image."""
+    rows = [[str(rank), f"{r['score']:.4f}", r["path"]] for rank, r in enumerate(records, 1)]
+    return _aligned(["rank", "score", "path"], rows, right={0, 1})
+
+
+def render_search(records: list[dict], fmt: str) -> str:
+    """Search records as text in `fmt` (table, csv, json or jsonl)."""
+    return _render(records, fmt, search_table, SEARCH_CSV_COLUMNS,
+                   lambda r: [[r["path"], f"{r['score']:.6g}"]])
+
+
+def duplicate_records(groups: Sequence[tuple[Sequence[str], float]]) -> list[dict]:
+    """One dict per group of near-duplicates, in the order given: {"paths": [...], "min_score": x}."""
+    return [{"paths": [display_path(path) for path in paths], "min_score": float(score)} for paths, score in groups]
+
+
+def duplicates_table(records: list[dict], width: int | None = None, color: bool = False) -> str:
+    """One line per image: its group's number on every line, the group's size and min score on its first."""
+    rows = []
+    for number, r in enumerate(records, 1):
+        for i, path in enumerate(r["paths"]):
+            first = i == 0
+            rows.append([str(number), str(len(r["paths"])) if first else "",
+                         f"{r['min_score']:.4f}" if first else "", path])
+    return _aligned(["group", "size", "min score", "path"], rows, right={0, 1, 2})
+
+
+def render_duplicates(records: list[dict], fmt: str) -> str:
+    """Duplicate groups as text in `fmt`: json/jsonl one group per row, csv and table one line per image."""
+    return _render(records, fmt, duplicates_table, DUPLICATES_CSV_COLUMNS, lambda r: [
+        [str(r["group"]), str(len(r["paths"])), f"{r['min_score']:.6g}", path] for path in r["paths"]])
+
+
+def _render(records: list[dict], fmt: str, table: Callable[[list[dict]], str], columns: Sequence[str],
+            csv_rows: Callable[[dict], list[list[str]]]) -> str:
+    if fmt == "jsonl":
+        return "".join(_json(r) + "\n" for r in records)
+    if fmt == "json":
+        return _json(records, indent=2) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for number, r in enumerate(records, 1):
+            writer.writerows(csv_rows({**r, "group": number}))
+        return buffer.getvalue()
+    if fmt == "table":
+        return table(records)
+    raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+
+
+def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    """Columns two spaces apart under a header, one line per row (control characters in cells escaped)."""
+    from rich.cells import cell_len
+
+    grid = [[display_line(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(cell_len(row[i]) for row in grid) for i in range(len(header))]
+    lines = []
+    for row in grid:
+        cells = [" " * (widths[i] - cell_len(cell)) + cell if i in right else
+                 cell + " " * (widths[i] - cell_len(cell)) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
 def check_writable(path: Path, stream_ok: bool = True) -> None:
     """Raise UsageError before any work when `path` cannot be created (missing or read-only folder, a directory).
 

@@ -24,7 +24,8 @@ EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143
 # The flag behind each library parameter name, for OptionError messages.
 FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch-size", "workers": "--workers",
          "hidden_act": "--activation", "force": "--force", "labels": "--labels", "templates": "--template",
-         "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k"}
+         "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k",
+         "query": "QUERY", "query_image": "query image", "subtract": "--subtract", "threshold": "--threshold"}
 
 
 def eprint(message: str) -> None:
