@@ -386,12 +386,17 @@ def search(
 
       clip search --image cat.jpg photos/ -f jsonl
     """
+    import os
+
     from clipcli import output as out
     from clipcli import search as searching
     from clipcli.inputs import find_images
 
     if image is not None and query is not None:
-        paths = [query, *(paths or [])]  # with --image, every argument is a PATH
+        if not os.path.lexists(query):
+            raise UsageError(f"with --image every argument is a PATH, and '{query}' does not exist; add words to "
+                             f"an image query with --add '{query}'")
+        paths = [query, *(paths or [])]
         query = None
     if query is None and image is None:
         raise UsageError("nothing to search for; give a QUERY (words) or --image FILE")

@@ -243,6 +243,8 @@ def test_search_usage_errors(tiny_model_dir, known):
     assert_usage_error(invoke("search", "--image", known.parent / "not-an-image.png", known, "-m", tiny_model_dir),
                        "query image", "not-an-image.png")
     assert_usage_error(invoke("search", "cat", known / "nowhere", "-m", tiny_model_dir), "does not exist")
+    assert_usage_error(invoke("search", "sunset", "--image", known / "orig.png", known, "-m", tiny_model_dir),
+                       "with --image every argument is a PATH", "--add 'sunset'")
     assert_usage_error(invoke("search", "cat", known, "-k", 0, "-m", tiny_model_dir), "top-k")
 
 
