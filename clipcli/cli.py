@@ -4,6 +4,7 @@ imported inside commands, so `clip --help` is fast and a run answered from the i
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import typer
 from clipcli.errors import UsageError
 from clipcli.process import (
     EXIT_SOME_FAILED,
+    ClipCommand,
     OneLineErrors,
     eprint,
     handle_errors,
@@ -36,14 +38,17 @@ app = typer.Typer(
     help="Zero-shot image classification and embeddings with CLIP.\n\n"
     "Examples:\n\n"
     "  clip classify photos/ --labels cat,dog,car\n\n"
+    "  clip classify photos/ -l cat,dog -o results.csv\n\n"
     "  clip embed photos/ -o emb.npy\n\n"
+    "  clip organize photos/ --labels cat,dog --into sorted/\n\n"
     "  clip convert-weights ViT-B-32.pt converted/",
     rich_markup_mode=None,  # plain-text usage errors ending in one "Error: ..." line
     pretty_exceptions_enable=False,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+command = app.command  # each command below passes cls=ClipCommand: help shows choices, not Python types
 
 
 def _version(value: bool) -> None:
@@ -65,24 +70,52 @@ def root(
 # ------------------------------------------------------------------------------------------------ shared options
 
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", envvar="CLIP_MODEL",
-    help="Hugging Face CLIP directory, OpenAI-format .pt checkpoint, or Hub id.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda or mps.")]
-DtypeOpt = Annotated[str, typer.Option(
-    help="auto (fp32 on CPU, identical to the reference; fp16 on CUDA), fp32, fp16 or bf16.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")]
+    "--model", "-m", envvar="CLIP_MODEL", metavar="MODEL",
+    help="Hugging Face CLIP directory, OpenAI-format .pt checkpoint, Hub id, or one of ViT-B-32, ViT-B-16, ViT-L-14, "
+    "ViT-L-14-336 (`clip models` lists what is cached).")]
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DeviceOpt = Annotated[str, typer.Option(
+    metavar="[auto|cpu|cuda|mps]", autocompletion=lambda: list(DEVICES),
+    help="auto: cuda, then mps, then cpu (cuda:N picks a GPU).")]
+
+
+class Dtype(str, Enum):
+    """--dtype values (pipeline.DTYPES)."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+DtypeOpt = Annotated[Dtype, typer.Option(
+    metavar="[auto|fp32|fp16|bf16]",
+    help="auto: fp32 on CPU (identical to the reference), fp16 on CUDA.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Images per model call.")]
 WorkersOpt = Annotated[int | None, typer.Option(
-    "--workers", min=1, help="Image decoding threads (default: one per CPU core).")]
+    "--workers", min=1, metavar="N", help="Image decoding threads (default: one per CPU core).")]
 FastOpt = Annotated[bool, typer.Option(
     "--fast-decode", help="Decode large JPEGs at reduced scale before the exact resize (faster, near-identical).")]
 IndexOpt = Annotated[Path | None, typer.Option(
-    "--index", envvar="CLIP_INDEX", show_default=False,
+    "--index", envvar="CLIP_INDEX", show_default=False, metavar="FILE",
     help="The embedding index file [default: $XDG_CACHE_HOME/clipcli/index.db].")]
 NoIndexOpt = Annotated[bool, typer.Option("--no-index", help="Neither read nor write the embedding index.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-PathsArg = Annotated[list[str], typer.Argument(
-    metavar="PATH", help="Image files and/or folders (walked recursively).", show_default=False)]
+PathsArg = Annotated[list[str] | None, typer.Argument(
+    metavar="PATH...", show_default=False,
+    help="Image files and/or folders (walked recursively). May be omitted with --files-from.")]
+FilesFromOpt = Annotated[str | None, typer.Option(
+    "--files-from", metavar="FILE",
+    help="Also read image paths from FILE, one per line or NUL-separated (find -print0); - reads stdin.")]
+ExcludeOpt = Annotated[list[str] | None, typer.Option(
+    "--exclude", metavar="GLOB",
+    help="Skip files and folders whose name, path under PATH, or path as shown matches GLOB (repeatable; "
+    "'raw/' matches folders only): --exclude '*.tmp' --exclude 'thumbs/'.")]
+MaxPixelsOpt = Annotated[str | None, typer.Option(
+    "--max-megapixels", metavar="N|none",
+    help="Pillow's decompression-bomb limit: larger images are refused [default: about 89]. Raise it, or none, "
+    "for trusted inputs such as panoramas.")]
 
 
 class Format(str, Enum):
@@ -94,8 +127,27 @@ class Format(str, Enum):
     jsonl = "jsonl"
 
 
+class Score(str, Enum):
+    """--score values (scoring.SCORE_KINDS)."""
+
+    prob = "prob"
+    cosine = "cosine"
+
+
+TemplatesOpt = Annotated[str | None, typer.Option(
+    metavar="[imagenet]", autocompletion=lambda: ["imagenet"],
+    help="A named template set: imagenet (the CLIP paper's 80).")]
+ScoreOpt = Annotated[Score, typer.Option(
+    "--score", metavar="[prob|cosine]",
+    help="prob: probabilities over the labels (softmax; they sum to 1); cosine: each label's cosine similarity on "
+    "its own (for one label, or 'none of these').")]
+MinScoreOpt = Annotated[float | None, typer.Option(
+    "--min-score", show_default=False, metavar="X",
+    help="Images whose top score is below this get no label (a probability 0-1, or a cosine with --score cosine).")]
+
+
 @contextmanager
-def _session(model: str, device: str, dtype: str, fast_decode: bool, batch_size: int, workers: int | None,
+def _session(model: str, device: str, dtype: Dtype | str, fast_decode: bool, batch_size: int, workers: int | None,
              index: Path | None, no_index: bool) -> Iterator[Session]:
     """The run's Session, its index open for the run (none with --no-index)."""
     from clipcli.index import default_location, open_index
@@ -103,8 +155,8 @@ def _session(model: str, device: str, dtype: str, fast_decode: bool, batch_size:
     from clipcli.process import keep_freed_memory
 
     keep_freed_memory()  # process-wide malloc setting: this program's to choose, measured in benchmarks/README.md
-    settings = Settings(model=model, device=device, dtype=dtype, fast_decode=fast_decode, batch_size=batch_size,
-                        workers=workers)
+    settings = Settings(model=model, device=device, dtype=getattr(dtype, "value", dtype), fast_decode=fast_decode,
+                        batch_size=batch_size, workers=workers)
     store = open_index(None if no_index else (index or default_location()), warn)
     try:
         yield Session(settings, store)
@@ -116,26 +168,36 @@ def _session(model: str, device: str, dtype: str, fast_decode: bool, batch_size:
 # ------------------------------------------------------------------------------------------------ commands
 
 
-@app.command()
+@command(cls=ClipCommand)
 @handle_errors
 def classify(
-    paths: PathsArg,
+    paths: PathsArg = None,
     labels: Annotated[list[str] | None, typer.Option(
-        "--labels", "-l", help="Comma-separated labels: cat,dog,car (repeatable: -l cat -l dog).")] = None,
-    labels_file: Annotated[Path | None, typer.Option(help="File with one label per line (- reads stdin).")] = None,
+        "--labels", "-l", metavar="LABELS", help="Comma-separated labels: cat,dog,car (repeatable: -l cat -l dog).")
+    ] = None,
+    labels_file: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="File with one label per line (- reads stdin).")] = None,
     template: Annotated[list[str] | None, typer.Option(
-        "--template", "-t",
+        "--template", "-t", metavar="TEMPLATE",
         help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
-    templates: Annotated[str | None, typer.Option(help="A named template set: imagenet (the CLIP paper's 80).")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image.")] = 5,
-    fmt: Annotated[Format, typer.Option(
-        "--format", "-f", help="table for people; csv, json or jsonl for programs.")] = Format.table,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write results here (default stdout; - is stdout too).")] = None,
+    templates: TemplatesOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="N", help="Labels shown per image.")] = 5,
+    fmt: Annotated[Format | None, typer.Option(
+        "--format", "-f", metavar="[table|csv|json|jsonl]", show_default=False,
+        help="table for people; csv, json or jsonl for programs. [default: from -o's extension (.csv, .json, "
+        ".jsonl; .html is the report), else table]")] = None,
+    output: Annotated[str | None, typer.Option(
+        "--output", "-o", metavar="FILE",
+        help="Write results here, complete or not at all (default stdout; - is stdout too).")] = None,
+    files_from: FilesFromOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
+    score: ScoreOpt = Score.prob,
+    min_score: MinScoreOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     workers: WorkersOpt = None,
     fast_decode: FastOpt = False,
     index: IndexOpt = None,
@@ -149,63 +211,86 @@ def classify(
 
       clip classify photos/ --labels cat,dog,car
 
-      clip classify a.jpg b.png -l cat,dog --templates imagenet -f jsonl -o out.jsonl
+      clip classify photos/ -l cat,dog -o results.jsonl      (the extension picks the format)
+
+      find . -name '*.png' | clip classify --files-from - -l cat,dog -f jsonl | head
+
+      clip classify photos/ -l "a cat" --score cosine --min-score 0.25
     """
+    import contextlib
+
     import numpy as np
 
     from clipcli import output as out
     from clipcli import pipeline
-    from clipcli.inputs import find_images
+    from clipcli.inputs import PathOrder
 
     label_list = _read_labels(labels, labels_file)
-    out.check_labels_for(fmt.value, label_list)
+    target = None if output is None or output == "-" else output
+    chosen = out.choose_format(output, fmt.value if fmt is not None else None)
+    out.check_labels_for(chosen, label_list)
     prompt_templates = _templates(template, templates)
-    output = None if output is None or str(output) == "-" else output
-    if output is not None:
-        out.check_writable(output)
-    images, failures = find_images(paths)
-    _warn_if_no_images(images, failures)
-    if output is not None:
-        out.check_not_an_input([output], images)
+    pipeline.check_score(score.value, min_score)
+    if target is not None:
+        out.check_writable(Path(target))
+    _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))
+    images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
+    if target is not None:
+        out.check_not_an_input([Path(target)], images)
     with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
         label_set = pipeline.label_embeddings(session, label_list, prompt_templates)
         for label in label_set.truncated:
             warn(f"label '{label}' is longer than the model's {session.info.context_length}-token context and "
                  "was truncated")
+        order: PathOrder[dict] = PathOrder(failures)  # the walk's failures, put between the rows by path
+        # Rows go out batch by batch; the HTML report (report.py) needs them all, so for it they are kept.
+        rows = None if chosen == "html" else out.RowWriter(target, chosen, out.classify_layout(label_list, score.value))
         found: list[str] = []
-        rows = []
-        with out.progress_bar(len(images), quiet) as advance:
-            for batch in pipeline.classify(session, images, label_set, progress=advance):
-                found.extend(batch.paths)
-                rows.append(batch.scores)
+        kept: list[np.ndarray] = []
+        with rows or contextlib.nullcontext(), out.progress_bar(len(images), quiet) as advance:
+            for batch in pipeline.classify(session, images, label_set, progress=advance, score=score.value):
                 failures.extend(batch.failures)
-    scores = np.concatenate(rows) if rows else np.zeros((0, len(label_list)), dtype=np.float32)
-    text = out.render(out.records(found, scores, label_list, top_k), label_list, fmt.value,
-                      color=output is None and fmt is Format.table and sys.stdout.isatty())
-    if output is None:
-        write_stdout(text)
-    else:
-        out.write_text(output, text)
+                if rows is None:
+                    found.extend(batch.paths)
+                    kept.append(batch.scores)
+                    continue
+                records = out.classify_records(batch.paths, batch.scores, label_list, top_k, min_score)
+                rows.write(_records(order.batch(zip(batch.paths, records, strict=True), batch.failures)))
+            if rows is not None:
+                rows.write(_records(order.rest()))
+    _warn_if_one_label(label_list, score.value)
+    if rows is None and target is not None:
+        from clipcli import report
+
+        scores = np.concatenate(kept) if kept else np.zeros((0, len(label_list)), dtype=np.float32)
+        with out.progress_bar(len(found), quiet) as advance:
+            report.write_classify_report(Path(target), found, scores, label_list, top_k=top_k, threshold=min_score,
+                                         score=score.value, model=model, templates=prompt_templates,
+                                         failures=failures, workers=workers, progress=advance)
     _finish(failures)
 
 
-@app.command()
+@command(cls=ClipCommand)
 @handle_errors
 def embed(
-    paths: Annotated[list[str] | None, typer.Argument(metavar="PATH", help="Image files and/or folders.",
-                                                         show_default=False)] = None,
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="The .npy to write; PATHS go to <name>.paths.txt.")] = Path("embeddings.npy"),
+    paths: PathsArg = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="FILE", show_default=False,
+        help="Required. NAME.npy (with NAME.paths.txt and NAME.meta.json beside it) or NAME.parquet (needs "
+        "clipcli[parquet]).")] = None,
     text: Annotated[list[str] | None, typer.Option(
-        "--text", help="Embed this text instead of images (repeatable).")] = None,
+        "--text", metavar="TEXT", help="Embed this text instead of images (repeatable).")] = None,
     text_file: Annotated[Path | None, typer.Option(
-        help="Embed each line of this file (blank lines skipped; - reads stdin).")] = None,
+        metavar="FILE", help="Embed each line of this file (blank lines skipped; - reads stdin).")] = None,
     no_normalize: Annotated[bool, typer.Option(
         "--no-normalize", help="Raw projected features, not L2-normalised.")] = False,
+    files_from: FilesFromOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     workers: WorkersOpt = None,
     fast_decode: FastOpt = False,
     index: IndexOpt = None,
@@ -213,40 +298,51 @@ def embed(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Write embeddings: float32 (N, D) .npy plus a .paths.txt sidecar (line i names row i).
+    """Write embeddings, float32 (N, D): a .npy with a .paths.txt (line i names row i) and .meta.json (the model)
+    beside it, or a .parquet file (path and embedding columns, the model in its schema metadata).
 
     Examples:
 
       clip embed photos/ -o emb.npy
 
+      clip embed photos/ -o emb.parquet
+
       clip embed --text "a cat" --text "a dog" -o text.npy
     """
+    from clipcli import embedfile, pipeline
     from clipcli import output as out
-    from clipcli import pipeline
-    from clipcli.inputs import find_images
+    from clipcli.resolve import canonical_name
 
+    if output is None:
+        raise UsageError("missing -o/--output: embeddings are written only to a file you name; pass -o emb.npy "
+                         "or -o emb.parquet")
+    if str(output) == "-":
+        raise UsageError("clip embed writes files (a .npy with files beside it, or a .parquet), not stdout; give "
+                         "a file name with -o")
+    images_given = bool(paths) or files_from is not None
+    if (text or text_file) and images_given:
+        raise UsageError("give image PATHs (or --files-from) or --text/--text-file, not both")
+    if not (text or text_file) and not images_given:
+        raise UsageError("nothing to embed; pass image files/folders, --files-from FILE, or --text TEXT")
     texts = list(text or []) + (_read_lines(text_file, "--text-file") if text_file else [])
     for item in texts:
         _check_utf8("--text", item)
-    if (text or text_file) and paths:
-        raise UsageError("give image PATHs or --text/--text-file, not both")
-    if not (text or text_file) and not paths:
-        raise UsageError("nothing to embed; pass image files/folders, or --text TEXT")
     if (text or text_file) and not texts:
         raise UsageError(f"{text_file} has no text lines; put one text per line")
-    if str(output) == "-":
-        raise UsageError("clip embed writes a .npy file and a sidecar beside it, not stdout; give a file name with -o")
-    files = [output, out.sidecar_path(output)]
-    for path in files:  # a .npy and its sidecar need real files
+    files = embedfile.output_files(output)  # a known extension, and pyarrow for .parquet, before any work
+    for path in files:  # an embeddings file and the files beside it need real files
         out.check_writable(path, stream_ok=False)
     failures: list[Failure] = []
     images: list[str] = []
     if not texts:
-        images, failures = find_images(paths or [])
-        _warn_if_no_images(images, failures)
+        images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
         out.check_not_an_input(files, images)
     with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
-        writer = out.EmbeddingWriter(output)
+        meta = embedfile.EmbeddingMeta(
+            model=model, model_id=canonical_name(model), fingerprint=session.model_fingerprint(),
+            precision="fp32" if texts else session.precision,  # texts are always encoded in float32
+            normalized=not no_normalize, content="texts" if texts else "images")
+        writer = embedfile.open_embeddings(output, meta)
         try:
             if texts:
                 embedded = pipeline.embed_texts(session, texts, normalized=not no_normalize)
@@ -261,25 +357,30 @@ def embed(
                                                        progress=advance):
                         writer.add(batch.paths, batch.features)
                         failures.extend(batch.failures)
-            writer.close(session.info.projection_dim)
+            written = writer.close(session.info.projection_dim)
         except BaseException:
             writer.abort()
             raise
+    if not quiet:
+        eprint(written.summary())
     _finish(failures)
 
 
-@app.command("index")
+@command("index", cls=ClipCommand)
 @handle_errors
 def index_command(
     paths: Annotated[list[str] | None, typer.Argument(
-        metavar="PATH", help="Image files and/or folders to add or update.", show_default=False)] = None,
+        metavar="PATH...", help="Image files and/or folders to add or update.", show_default=False)] = None,
     info: Annotated[bool, typer.Option("--info", help="Show what the index holds (also without PATH).")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Forget files that are gone, and their embeddings.")] = False,
     clear: Annotated[bool, typer.Option("--clear", help="Remove every entry.")] = False,
+    files_from: FilesFromOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     workers: WorkersOpt = None,
     fast_decode: FastOpt = False,
     index: IndexOpt = None,
@@ -299,14 +400,13 @@ def index_command(
     from clipcli import output as out
     from clipcli import pipeline
     from clipcli.index import Index, default_location
-    from clipcli.inputs import find_images
 
-    if sum((bool(paths), prune, clear)) > 1:
+    adding = bool(paths) or files_from is not None
+    if sum((adding, prune, clear)) > 1:
         raise UsageError("give PATHs to index, --prune or --clear, one at a time")
     location = index or default_location()
-    if paths:
-        images, failures = find_images(paths)
-        _warn_if_no_images(images, failures)
+    if adding:
+        images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
         with (_session(model, device, dtype, fast_decode, batch_size, workers, location, False) as session,
               out.progress_bar(len(images), quiet) as advance):
             counts = pipeline.index_images(session, images, progress=advance)
@@ -339,7 +439,209 @@ def index_command(
         raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
 
 
-@app.command()
+@command(cls=ClipCommand)
+@handle_errors
+def organize(
+    paths: Annotated[list[str] | None, typer.Argument(
+        metavar="PATH", help="Image files and/or folders to sort (walked recursively).", show_default=False)] = None,
+    into: Annotated[Path | None, typer.Option(
+        "--into", metavar="DEST", show_default=False,
+        help="The folder to sort into: one folder per label inside it (created if missing).")] = None,
+    labels: Annotated[list[str] | None, typer.Option(
+        "--labels", "-l", help="Comma-separated labels: cat,dog,car (repeatable).")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="File with one label per line (- reads stdin).")] = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy each image into its folder (the default).")] = False,
+    move: Annotated[bool, typer.Option("--move", help="Move each image (never lost, even if interrupted).")] = False,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link each image (same file system only).")] = False,
+    symlink: Annotated[bool, typer.Option("--symlink", help="Put a symbolic link to each image.")] = False,
+    min_score: MinScoreOpt = None,
+    score: ScoreOpt = Score.prob,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (source -> destination, label, score) and touch nothing.")] = False,
+    undo: Annotated[Path | None, typer.Option(
+        "--undo", metavar="DEST", show_default=False,
+        help="Undo what the log DEST/clip-organize.jsonl records: move images back, remove copies and links.")] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", "-t",
+        help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
+    templates: TemplatesOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Sort images into one folder per label: DEST/<top label>/, never overwriting or losing a file.
+
+    Every action is logged in DEST/clip-organize.jsonl; running the same command again finishes an interrupted run
+    and repeats nothing.
+
+    Examples:
+
+      clip organize photos/ --labels cat,dog,car --into sorted/ --dry-run
+
+      clip organize photos/ -l cat,dog --into sorted/ --move --min-score 0.8
+
+      clip organize --undo sorted/
+    """
+    from clipcli import organize as org
+    from clipcli import output as out
+    from clipcli import pipeline
+    from clipcli.inputs import find_images
+    from clipcli.process import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+
+    if undo is not None:
+        if paths or into is not None or labels or labels_file is not None or dry_run:
+            raise UsageError("--undo DEST takes no PATHs, labels, --into or --dry-run; run `clip organize --undo "
+                             "DEST` alone")
+        result = org.undo(undo)
+        if not quiet:
+            done = ", ".join(f"{count} {what}" for what, count in sorted(result.undone.items())) or "nothing to undo"
+            eprint(f"undid {sum(result.undone.values())} action(s) logged in {undo}: {done}")
+        _finish(result.failures)
+        return
+    if into is None:
+        raise UsageError("no destination; pass --into DEST, the folder to sort the images into")
+    if not paths:
+        raise UsageError("nothing to organize; pass image files or folders")
+    modes = [name for name, chosen in (("copy", copy), ("move", move), ("link", link), ("symlink", symlink))
+             if chosen]
+    if len(modes) > 1:
+        chosen = " and ".join(f"--{mode}" for mode in modes)
+        raise UsageError(f"give one of --copy, --move, --link or --symlink, not {chosen}")
+    label_list = _read_labels(labels, labels_file)
+    prompt_templates = _templates(template, templates)
+    pipeline.check_score(score.value, min_score)
+    organizer = org.Organizer(into, label_list, modes[0] if modes else "copy", min_score=min_score, dry_run=dry_run)
+    organizer.check_paths(paths)
+    images, failures = find_images(paths, skip=[str(into)])
+    images = organizer.outside(images)
+    failures = [f for f in failures if organizer.outside([f.path])]
+    _warn_if_no_images(images, failures)
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
+        label_set = pipeline.label_embeddings(session, label_list, prompt_templates)
+        for label in label_set.truncated:
+            warn(f"label '{label}' is longer than the model's {session.info.context_length}-token context and "
+                 "was truncated")
+        try:
+            with organizer, out.progress_bar(len(images), quiet) as advance:
+                for batch in pipeline.classify(session, images, label_set, progress=advance, score=score.value):
+                    failures.extend(batch.failures)
+                    failures.extend(organizer.place(batch.paths, batch.scores))
+        except (KeyboardInterrupt, Terminated) as stop:
+            if not dry_run:
+                eprint(f"{'interrupted' if isinstance(stop, KeyboardInterrupt) else 'terminated'} after "
+                       f"{len(organizer.steps)} of {len(images)} image(s); {organizer.log.path} records what was "
+                       "done; run the same command again to finish")
+            raise typer.Exit(EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED) from None
+    _warn_if_one_label(label_list, score.value)
+    if dry_run:
+        write_stdout(out.render_plan(organizer.steps, score.value))
+    if not quiet:
+        eprint(organizer.summary())
+    _finish(failures)
+
+
+class EvalFormat(str, Enum):
+    """clip eval's --format values (output.EVAL_FORMATS)."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@command("eval", cls=ClipCommand)
+@handle_errors
+def eval_command(
+    dataset: Annotated[str, typer.Argument(
+        metavar="DATASET", help="A folder with one subfolder of images per class (the folder name is the label).",
+        show_default=False)],
+    class_names: Annotated[Path | None, typer.Option(
+        "--class-names", help="File of 'folder<TAB>label' lines giving classes their label text (- reads stdin).",
+        show_default=False)] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", "-t",
+        help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
+    templates: TemplatesOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image in an HTML report.")] = 5,
+    fmt: Annotated[EvalFormat, typer.Option(
+        "--format", "-f", help="table for people; csv or json for programs.")] = EvalFormat.table,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write results here (default stdout); NAME.html writes a report to open in a browser.")
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure zero-shot accuracy on a labelled folder: acc1, acc5, mean per-class recall, confusion matrix.
+
+    Examples:
+
+      clip eval sorted-photos/
+
+      clip eval sorted-photos/ --templates imagenet -f json
+
+      clip eval sorted-photos/ --class-names names.tsv -o eval.html
+    """
+    from clipcli import evaluate
+    from clipcli import output as out
+
+    prompt_templates = _templates(template, templates)
+    names = evaluate.parse_class_names(_read_lines(class_names, "--class-names")) if class_names else None
+    output = None if output is None or str(output) == "-" else output
+    if output is not None:
+        out.check_writable(output)
+    data = evaluate.find_dataset(dataset, names)
+    if data.stray:
+        warn(f"{len(data.stray)} image(s) directly in '{dataset}' belong to no class folder and were left out")
+    _warn_if_no_images(data.paths, data.failures)
+    if output is not None:
+        out.check_not_an_input([output], data.paths)
+    with (_session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session,
+          out.progress_bar(len(data.paths), quiet) as advance):
+        result = evaluate.evaluate(session, data, prompt_templates, progress=advance)
+        context = session.info.context_length if result.truncated else 0
+    for label in result.truncated:
+        warn(f"label '{label}' is longer than the model's {context}-token context and was truncated")
+    if output is not None and _is_report(output):
+        from clipcli import report
+
+        with out.progress_bar(len(result.paths), quiet) as advance:
+            report.write_eval_report(output, result, top_k=top_k, model=model, templates=prompt_templates,
+                                     workers=workers, progress=advance)
+    else:
+        summary = {**result.metrics.to_json(),
+                   "errors": [{"path": out.display_path(f.path), "error": f.reason} for f in result.failures]}
+        text = out.render_eval(summary, fmt.value)
+        if output is None:
+            write_stdout(text)
+        else:
+            out.write_text(output, text)
+    _finish(result.failures)
+
+
+FormatOpt = Annotated[Format | None, typer.Option(
+    "--format", "-f", metavar="[table|csv|json|jsonl]", show_default=False,
+    help="table for people; csv, json or jsonl for programs. [default: from -o's extension (.csv, .json, .jsonl), "
+    "else table]")]
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", "-o", metavar="FILE",
+    help="Write results here, complete or not at all (default stdout; - is stdout too).")]
+
+
+@command(cls=ClipCommand)
 @handle_errors
 def search(
     query: Annotated[str | None, typer.Argument(
@@ -347,26 +649,30 @@ def search(
         help="Words to search for, embedded as given (no template). With --image, leave it out.")] = None,
     paths: Annotated[list[str] | None, typer.Argument(
         metavar="[PATH]...", show_default=False,
-        help="Image files and/or folders to search (walked recursively) [default: .]")] = None,
+        help="Image files and/or folders to search (walked recursively) [default: ., unless --files-from]")] = None,
     image: Annotated[Path | None, typer.Option(
-        "--image", show_default=False, help="Search by this example image instead of words.")] = None,
+        "--image", metavar="FILE", show_default=False, help="Search by this example image instead of words.")] = None,
     add: Annotated[list[str] | None, typer.Option(
-        "--add", show_default=False, help="Words to add to the query (repeatable): beach --add sunset.")] = None,
+        "--add", metavar="TEXT", show_default=False,
+        help="Words to add to the query (repeatable): beach --add sunset.")] = None,
     subtract: Annotated[list[str] | None, typer.Option(
-        "--subtract", show_default=False, help="Words to steer away from (repeatable): --subtract people.")] = None,
+        "--subtract", metavar="TEXT", show_default=False,
+        help="Words to steer away from (repeatable): --subtract people.")] = None,
     add_image: Annotated[list[Path] | None, typer.Option(
-        "--add-image", show_default=False, help="An image to add to the query (repeatable).")] = None,
+        "--add-image", metavar="FILE", show_default=False, help="An image to add to the query (repeatable).")] = None,
     subtract_image: Annotated[list[Path] | None, typer.Option(
-        "--subtract-image", show_default=False, help="An image to steer away from (repeatable).")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Images shown, best first.")] = 10,
-    fmt: Annotated[Format, typer.Option(
-        "--format", "-f", help="table for people; csv, json or jsonl for programs.")] = Format.table,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write results here (default stdout; - is stdout too).")] = None,
+        "--subtract-image", metavar="FILE", show_default=False,
+        help="An image to steer away from (repeatable).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="N", help="Images shown, best first.")] = 10,
+    fmt: FormatOpt = None,
+    output: OutputOpt = None,
+    files_from: FilesFromOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     workers: WorkersOpt = None,
     fast_decode: FastOpt = False,
     index: IndexOpt = None,
@@ -386,11 +692,8 @@ def search(
 
       clip search --image cat.jpg photos/ -f jsonl
     """
-    import os
-
     from clipcli import output as out
     from clipcli import search as searching
-    from clipcli.inputs import find_images
 
     if image is not None and query is not None:
         if not os.path.lexists(query):
@@ -405,11 +708,11 @@ def search(
         _check_utf8("query", item)
     request = searching.Query(tuple(texts), tuple(str(p) for p in [*([image] if image else []), *(add_image or [])]),
                               tuple(subtract or []), tuple(str(p) for p in subtract_image or []))
-    output = _checked_output(output)
-    images, failures = find_images(paths or ["."])
-    _warn_if_no_images(images, failures)
-    if output is not None:
-        out.check_not_an_input([output], images)
+    target, chosen = _rows_output(output, fmt, "search")
+    images, failures = _find_inputs(paths or ([] if files_from is not None else ["."]), files_from, exclude,
+                                    max_megapixels)
+    if target is not None:
+        out.check_not_an_input([Path(target)], images)
     with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
         embedded = searching.embed_query(session, request)
         for text in embedded.truncated:
@@ -418,26 +721,28 @@ def search(
         with out.progress_bar(len(images), quiet) as advance:
             found = searching.search(session, images, embedded, top_k, progress=advance)
     failures.extend(found.failures)
-    records = out.search_records([(hit.path, hit.score) for hit in found.hits])
-    _write(out.render_search(records, fmt.value), output)
+    with out.RowWriter(target, chosen, out.search_layout()) as rows:  # best first, then the failures by path
+        rows.write([*out.search_records([(hit.path, hit.score) for hit in found.hits]),
+                    *(out.failure_record(f.path, f.reason) for f in sorted(failures, key=lambda f: f.path))])
     _finish(failures)
 
 
-@app.command()
+@command(cls=ClipCommand)
 @handle_errors
 def duplicates(
-    paths: PathsArg,
+    paths: PathsArg = None,
     threshold: Annotated[float, typer.Option(
-        "--threshold", min=-1.0, max=1.0,
+        "--threshold", min=-1.0, max=1.0, metavar="X",
         help="Cosine similarity at or above which two images are near-duplicates.")] = 0.95,
-    fmt: Annotated[Format, typer.Option(
-        "--format", "-f", help="table for people; csv, json or jsonl for programs.")] = Format.table,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write results here (default stdout; - is stdout too).")] = None,
+    fmt: FormatOpt = None,
+    output: OutputOpt = None,
+    files_from: FilesFromOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     workers: WorkersOpt = None,
     fast_decode: FastOpt = False,
     index: IndexOpt = None,
@@ -454,56 +759,62 @@ def duplicates(
 
       clip duplicates photos/
 
-      clip duplicates photos/ --threshold 0.9 -f json -o groups.json
+      clip duplicates photos/ --threshold 0.9 -o groups.json
     """
     from clipcli import output as out
     from clipcli import search as searching
-    from clipcli.inputs import find_images
 
-    output = _checked_output(output)
-    images, failures = find_images(paths)
-    _warn_if_no_images(images, failures)
-    if output is not None:
-        out.check_not_an_input([output], images)
+    target, chosen = _rows_output(output, fmt, "duplicates")
+    images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
+    if target is not None:
+        out.check_not_an_input([Path(target)], images)
     with (_session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session,
           out.progress_bar(len(images), quiet) as advance):
         found = searching.duplicates(session, images, threshold, progress=advance)
     failures.extend(found.failures)
-    _write(out.render_duplicates(out.duplicate_records(found.groups), fmt.value), output)
+    with out.RowWriter(target, chosen, out.duplicates_layout()) as rows:
+        rows.write(out.duplicate_records(found.groups))
     if not quiet:
-        grouped = sum(len(paths) for paths, _ in found.groups)
+        grouped = sum(len(group) for group, _ in found.groups)
         eprint(f"{len(found.groups)} group(s) of near-duplicates ({grouped} images) among {found.compared} "
                f"image(s) at cosine >= {threshold:g}")
     _finish(failures)
 
 
-def _checked_output(output: Path | None) -> Path | None:
-    """-o as a file to write (None: stdout), checked writable before any work."""
+def _rows_output(output: str | None, fmt: Format | None, name: str) -> tuple[str | None, str]:
+    """-o as a file to write (None: stdout), checked writable before any work, and the format to write."""
     from clipcli import output as out
 
-    if output is None or str(output) == "-":
-        return None
-    out.check_writable(output)
-    return output
+    chosen = out.choose_format(output, fmt.value if fmt is not None else None)
+    if chosen == "html":
+        raise UsageError(f"clip {name} writes no HTML report; use -o NAME.json, .jsonl or .csv, or a table file")
+    target = None if output is None or output == "-" else output
+    if target is not None:
+        out.check_writable(Path(target))
+    return target, chosen
 
 
-def _write(text: str, output: Path | None) -> None:
-    from clipcli import output as out
+class ConvertDtype(str, Enum):
+    """convert-weights --dtype values."""
 
-    if output is None:
-        write_stdout(text)
-    else:
-        out.write_text(output, text)
-
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
 
 
-@app.command("convert-weights")
+ACTIVATION_NAMES = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
+
+
+@command("convert-weights", cls=ClipCommand)
 @handle_errors
 def convert_weights(
-    src: Annotated[str, typer.Argument(help="OpenAI/OpenCLIP checkpoint, or a Hugging Face CLIP directory/file.")],
-    dst: Annotated[Path, typer.Argument(help="Directory to write in Hugging Face CLIP layout.")],
-    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16 for the saved weights.")] = "fp32",
+    src: Annotated[str, typer.Argument(
+        metavar="SRC", help="OpenAI/OpenCLIP checkpoint, or a Hugging Face CLIP directory/file.")],
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="Directory to write in Hugging Face CLIP layout.")],
+    dtype: Annotated[ConvertDtype, typer.Option(
+        metavar="[fp32|fp16|bf16]", help="Precision of the saved weights.")] = ConvertDtype.fp32,
     activation: Annotated[str | None, typer.Option(
+        metavar="NAME", autocompletion=lambda: list(ACTIVATION_NAMES),
         help="hidden_act of both towers: quick_gelu (OpenAI; the default for checkpoint files), gelu (some "
         "OpenCLIP models), or gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish. Overrides config.json "
         "when SRC is a directory.")] = None,
@@ -518,59 +829,168 @@ def convert_weights(
     """
     from clipcli.loader import convert
 
-    written = convert(src, dst, dtype=dtype, hidden_act=activation, force=force)
+    written = convert(src, dst, dtype=dtype.value, hidden_act=activation, force=force)
     eprint(f"wrote {written}")
 
 
-@app.command()
+@command(cls=ClipCommand)
 @handle_errors
 def info(
     model: Annotated[str, typer.Argument(
-        envvar="CLIP_MODEL", help="Directory, checkpoint file or Hub id.")] = DEFAULT_MODEL,
+        envvar="CLIP_MODEL", metavar="MODEL", help="Directory, checkpoint file, Hub id or alias (ViT-B-32, ...).")
+    ] = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of lines for people.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Describe a model: architecture, parameters, dtype, image size, context length, source."""
-    from clipcli.loader import load
+    """Describe a model: architecture, parameters, stored and compute dtype, image size, context length, source.
 
-    clip = load(model, device=device, dtype=dtype)
+    Examples:
+
+      clip info ViT-B-32
+
+      clip info converted/ --json
+    """
+    import json
+
+    from clipcli.loader import load
+    from clipcli.resolve import canonical_name
+
+    clip = load(model, device=device, dtype=dtype.value)
     config = clip.config
-    params = sum(p.numel() for p in clip.model.parameters())
     vision, text = config.vision, config.text
-    lines = [
-        ("source", clip.source),
-        ("architecture", f"ViT-{vision.patch_size} vision ({vision.num_hidden_layers} layers, width "
-                         f"{vision.hidden_size}, {vision.num_attention_heads} heads) + text transformer "
-                         f"({text.num_hidden_layers} layers, width {text.hidden_size}, "
-                         f"{text.num_attention_heads} heads)"),
-        ("parameters", f"{params:,}"),
-        ("embedding dim", str(config.projection_dim)),
-        ("image size", f"{vision.image_size}x{vision.image_size}"),
-        ("context length", str(text.max_position_embeddings)),
-        ("vocab size", str(text.vocab_size)),
-        ("activation", vision.hidden_act if vision.hidden_act == text.hidden_act
-         else f"{vision.hidden_act} (vision), {text.hidden_act} (text)"),
-        ("dtype", str(clip.dtype).removeprefix("torch.")),
-        ("device", str(clip.device)),
-    ]
-    for key, value in lines:
-        typer.echo(f"{key + ':':<16}{value}")
+    facts = {
+        "model": canonical_name(model),
+        "source": clip.source,
+        "architecture": f"ViT-{vision.patch_size} vision ({vision.num_hidden_layers} layers, width "
+                        f"{vision.hidden_size}, {vision.num_attention_heads} heads) + text transformer "
+                        f"({text.num_hidden_layers} layers, width {text.hidden_size}, {text.num_attention_heads} "
+                        "heads)",
+        "parameters": sum(p.numel() for p in clip.model.parameters()),
+        "embedding_dim": config.projection_dim,
+        "image_size": vision.image_size,
+        "context_length": text.max_position_embeddings,
+        "vocab_size": text.vocab_size,
+        "activation": vision.hidden_act if vision.hidden_act == text.hidden_act
+        else f"{vision.hidden_act} (vision), {text.hidden_act} (text)",
+        "dtype": clip.weights_dtype,
+        "compute_dtype": str(clip.dtype).removeprefix("torch."),
+        "device": str(clip.device),
+    }
+    if as_json:
+        write_stdout(json.dumps(facts, ensure_ascii=False) + "\n")
+        return
+    shown = {**facts, "parameters": f"{facts['parameters']:,}",
+             "image_size": f"{vision.image_size}x{vision.image_size}"}
+    names = {"embedding_dim": "embedding dim", "image_size": "image size", "context_length": "context length",
+             "vocab_size": "vocab size", "compute_dtype": "compute dtype"}  # dtype: as the weights are stored
+    write_stdout("".join(f"{names.get(key, key) + ':':<16}{value}\n" for key, value in shown.items()))
+
+
+@command(cls=ClipCommand)
+@handle_errors
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of lines for people.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the CLIP models in the local Hugging Face cache (usable offline) and the model aliases.
+
+    Example:
+
+      clip models
+    """
+    import json
+
+    from clipcli import output as out
+    from clipcli.resolve import ALIASES, cached_models, hub_cache
+
+    found = cached_models()
+    cache = hub_cache()
+    if as_json:
+        write_stdout(json.dumps({
+            "cache": str(cache),
+            "models": [{"id": m.repo_id, "path": str(m.snapshot), "size_bytes": m.size_bytes,
+                        "aliases": list(m.aliases)} for m in found],
+            "aliases": ALIASES,
+        }, ensure_ascii=False) + "\n")
+        return
+    cached = {m.repo_id for m in found}
+    lines = [f"CLIP models in the Hugging Face cache ({out.display_path(str(cache))}):"]
+    rows = [[m.repo_id, f"{m.size_bytes / 1e6:,.1f} MB", ", ".join(m.aliases)] for m in found]
+    lines += ["  " + line for line in out.table_text(["model", "size", "alias"], rows).splitlines()] if rows else [
+        "  none yet: a Hub id given to -m is downloaded there on first use"]
+    lines += ["", "Aliases (-m NAME, any case):"]
+    alias_rows = [[alias, hub_id, "cached" if hub_id in cached else ""] for alias, hub_id in ALIASES.items()]
+    lines += ["  " + line for line in out.table_text(["alias", "model", ""], alias_rows).splitlines()]
+    write_stdout("\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def _read_bytes(path: Path | str, option: str) -> bytes:
+    """A file's bytes; '-' is stdin. A missing or unreadable file is a UsageError naming `option`."""
+    try:
+        return sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{option} '{path}' does not exist; give a text file, one item per line") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {option} '{path}': {err.strerror or err}; give a readable text file") from None
+
+
 def _read_lines(path: Path, option: str) -> list[str]:
     """The stripped non-blank lines of a UTF-8 text file (a leading byte-order mark dropped); '-' is stdin."""
     try:
-        raw = (sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()).decode("utf-8-sig")
-    except FileNotFoundError:
-        raise UsageError(f"{option} '{path}' does not exist; give a text file, one item per line") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read {option} '{path}': {getattr(err, 'strerror', None) or err}; "
-                         "give a UTF-8 text file") from None
+        raw = _read_bytes(path, option).decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"cannot read {option} '{path}': {err}; give a UTF-8 text file") from None
     return [line.strip() for line in raw.splitlines() if line.strip()]
+
+
+def _one_stdin_reader(*options: tuple[str, object]) -> None:
+    """UsageError when more than one option would read stdin ('-')."""
+    readers = [name for name, value in options if value is not None and str(value) == "-"]
+    if len(readers) > 1:
+        raise UsageError(f"{' and '.join(readers)} both read stdin ('-'); give one of them a file")
+
+
+def _find_inputs(paths: list[str] | None, files_from: str | None, exclude: list[str] | None,
+                 max_megapixels: str | None) -> tuple[list[str], list[Failure]]:
+    """The images of PATHs and --files-from (--exclude applied) and the inputs that failed; sets the pixel limit."""
+    from clipcli.inputs import Exclude, find_images, parse_path_list
+    from clipcli.preprocess import set_max_megapixels
+
+    if not paths and files_from is None:
+        raise UsageError("no images given; pass image files or folders, or --files-from FILE (- reads stdin)")
+    if max_megapixels is not None:
+        set_max_megapixels(_megapixels(max_megapixels))  # process-wide, so the program's to set, not the library's
+    listed = parse_path_list(_read_bytes(files_from, "--files-from")) if files_from is not None else []
+    images, failures = find_images(paths or [], Exclude(tuple(exclude or ())), listed)
+    _warn_if_no_images(images, failures)
+    return images, failures
+
+
+def _megapixels(value: str) -> float | None:
+    """--max-megapixels: a positive number, or none (no limit)."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise UsageError(f"--max-megapixels '{value}' is not a positive number; give megapixels such as 200, or "
+                         "none for no limit")
+    return number
+
+
+def _records(items: list) -> list[dict]:
+    """Rows in path order for a RowWriter: records as they are, failures as {"path", "error"} rows."""
+    from clipcli.inputs import Failure
+    from clipcli.output import failure_record
+
+    return [failure_record(item.path, item.reason) if isinstance(item, Failure) else item for item in items]
 
 
 def _read_labels(labels: list[str] | None, labels_file: Path | None) -> list[str]:
@@ -622,6 +1042,18 @@ def _warn_if_no_images(images: list[str], failures: list) -> None:
              + " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)) + ")")
 
 
+def _warn_if_one_label(labels: list[str], score: str) -> None:
+    # Said once the results are in, so that it never precedes a usage error's single line.
+    if len(labels) == 1 and score == "prob":
+        warn(f"with one label every image scores 100% for '{labels[0]}'; use --score cosine (with --min-score) to "
+             "judge each image on its own, or give more labels")
+
+
+def _is_report(output: Path) -> bool:
+    """-o NAME.html (any case) writes an HTML report instead of text."""
+    return output.suffix.lower() == ".html"
+
+
 def _finish(failures: list[Failure]) -> None:
     for failure in sorted(failures, key=lambda f: f.path):  # walk and decode failures, in one path order
         eprint(f"{failure.path}: {failure.reason}")
@@ -631,9 +1063,10 @@ def _finish(failures: list[Failure]) -> None:
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point of both `clip` and `clipcli` (the same program, for systems where `clip` is taken)."""
     install_signal_handlers()
-    app(prog_name="clip")
+    invoked = os.path.basename(sys.argv[0]) if sys.argv else ""
+    app(prog_name="clipcli" if invoked.startswith("clipcli") and not invoked.endswith(".py") else "clip")
 
 
 if __name__ == "__main__":

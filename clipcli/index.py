@@ -50,6 +50,18 @@ def content_digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()[:DIGEST_BYTES]
 
 
+def model_fingerprint(files: ModelFiles, digest: Callable[[Path], bytes] | None = None,
+                      hidden_act: str | None = None) -> str:
+    """A hex key for everything that decides a model's features: the content of each of its files (weights,
+    config, tokenizer, preprocessing; `digest`, file_digest by default), the activation override and
+    FEATURES_VERSION."""
+    digest = digest or file_digest
+    sha = hashlib.sha256(f"clipcli-features-{FEATURES_VERSION}\0{hidden_act or ''}\0".encode())
+    for role, path in model_file_roles(files):
+        sha.update(f"{role}\0".encode() + digest(path))
+    return sha.hexdigest()
+
+
 def file_digest(path: Path) -> bytes:
     """content_digest of a file read in 1 MiB pieces (model weights can be gigabytes)."""
     sha = hashlib.sha256()
@@ -295,13 +307,9 @@ class Index:
     # ------------------------------------------------------------------------------------------ models
 
     def model_fingerprint(self, files: ModelFiles, hidden_act: str | None = None) -> str:
-        """A hex key for everything that decides a model's features: the content of each of its files (weights,
-        config, tokenizer, preprocessing), the activation override and FEATURES_VERSION. Each file is hashed once
-        and then remembered by path and stat, so a 600 MB checkpoint is not read again on every run."""
-        sha = hashlib.sha256(f"clipcli-features-{FEATURES_VERSION}\0{hidden_act or ''}\0".encode())
-        for role, path in model_file_roles(files):
-            sha.update(f"{role}\0".encode() + self.digest_of(path))
-        return sha.hexdigest()
+        """model_fingerprint() with each file hashed once and then remembered by path and stat, so a 600 MB
+        checkpoint is not read again on every run."""
+        return model_fingerprint(files, self.digest_of, hidden_act)
 
     def model_info(self, fingerprint: str) -> dict | None:
         """What was recorded about a model when it was first loaded (projection_dim, logit_scale, ...), or None."""

@@ -27,6 +27,7 @@ from clipcli.weights import (
     hf_to_openai,
     is_hf_layout,
     is_openai_layout,
+    is_text_key,
     openai_to_hf,
     read_state_dict,
     write_hf_directory,
@@ -45,6 +46,8 @@ class Clip:
     preprocess: PreprocessConfig
     source: str  # where it was loaded from, for people
     dtype: torch.dtype = torch.float32
+    text_only: bool = False  # the image tower was not loaded (see load_files)
+    weights_dtype: str = "float32"  # as stored in the checkpoint (see stored_dtype), whatever `dtype` computes in
 
     @property
     def config(self) -> CLIPConfig:
@@ -73,6 +76,8 @@ class Clip:
 
     def batch_features(self, batch: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) float32 pixels on the model's device -> (B, D) float32 raw features, computed in `dtype`."""
+        if self.text_only:
+            raise UsageError("this model was loaded for texts only; load it with text_only=False to embed images")
         with torch.inference_mode(), self.image_precision():
             return self.model.encode_image(batch).float().cpu().numpy()
 
@@ -100,23 +105,47 @@ def load(
     return load_files(resolve(model, offline=offline), device=device, dtype=dtype, hidden_act=hidden_act)
 
 
-def load_files(files: ModelFiles, device: str = "auto", dtype: str = "auto", hidden_act: str | None = None) -> Clip:
-    """Load resolved model files onto `device` in `dtype`; UsageError when they cannot be loaded."""
+def load_files(files: ModelFiles, device: str = "auto", dtype: str = "auto", hidden_act: str | None = None,
+               text_only: bool = False) -> Clip:
+    """Load resolved model files onto `device` in `dtype`; UsageError when they cannot be loaded.
+
+    `text_only` loads the text tower alone (a run whose images are all in the index needs no more): less to read,
+    the same text features."""
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
-    config, state = read_model(files, hidden_act)
-    clip_model = place_model(check_model(files, config, state), target_device, target_dtype)
+    config, state = read_model(files, hidden_act, text_only=text_only)
+    stored = stored_dtype(state)
+    model = check_model(files, config, state, text_only=text_only)
+    clip_model = place_model(model, target_device, target_dtype, text_only=text_only)
     return Clip(clip_model, read_tokenizer(files, config), read_preprocess(files, config), _describe(files),
-                target_dtype)
+                target_dtype, text_only=text_only, weights_dtype=stored)
 
 
-def place_model(model: CLIPModel, device: torch.device, dtype: torch.dtype) -> CLIPModel:
+def stored_dtype(state: dict[str, torch.Tensor]) -> str:
+    """The floating-point dtype a state dict's weights are stored in ("float16"); a mix is named most common first
+    ("float32 + float16": OpenAI's fp16 files keep embeddings and layer norms in float32)."""
+    counts: dict[str, int] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            name = str(tensor.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + tensor.numel()
+    names = sorted(counts, key=lambda n: -counts[n])
+    return " + ".join(names) if names else "float32"
+
+
+def place_model(model: CLIPModel, device: torch.device, dtype: torch.dtype, text_only: bool = False) -> CLIPModel:
     """Move the float32 model to `device`; in reduced precision, store the image tower's matmul weights in `dtype`.
 
     The image tower then runs under autocast (Clip.image_precision): matmuls, convolution and attention in `dtype`,
     layer norms and the residual sums in float32. On random ViT-B/32 weights that makes bf16 image embeddings'
     1 - cosine to float32 6x smaller than a model cast whole does, at the same speed (benchmarks/README.md).
-    The text tower stays float32: texts are encoded once per run, and every image's scores depend on them."""
+    The text tower stays float32: texts are encoded once per run, and every image's scores depend on them.
+    `text_only`: the image tower is on the meta device and stays there."""
+    if text_only:
+        model.text_model.to(device=device)
+        model.text_projection.to(device=device)
+        model.logit_scale.data = model.logit_scale.data.to(device)
+        return model
     model = model.to(device=device)
     if dtype != torch.float32:
         for module in [*model.vision_model.modules(), model.visual_projection]:
@@ -125,7 +154,8 @@ def place_model(model: CLIPModel, device: torch.device, dtype: torch.dtype) -> C
     return model
 
 
-def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
+def read_model(files: ModelFiles, hidden_act: str | None = None, text_only: bool = False,
+               ) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
     """Config and state dict (transformers' key names, stored dtype) of resolved model files.
 
     `hidden_act` sets the activation of both towers: the config of a checkpoint file has none (OpenAI's weights
@@ -138,7 +168,7 @@ def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPCo
             config = dataclasses.replace(config, text=dataclasses.replace(config.text, hidden_act=hidden_act),
                                          vision=dataclasses.replace(config.vision, hidden_act=hidden_act))
         weights = weights_file(files)
-        state = read_weights(weights)
+        state = read_weights(weights, text_only)
         with _about(weights):
             return config, openai_to_hf(state) if is_openai_layout(state) else state
     checkpoint = weights_file(files)
@@ -154,28 +184,31 @@ def read_model(files: ModelFiles, hidden_act: str | None = None) -> tuple[CLIPCo
         return CLIPConfig.from_state_dict_shapes(_shapes(hf_to_openai(state)), hidden_act=act), state
 
 
-def read_weights(weights: Path) -> dict[str, torch.Tensor]:
-    """A weights file's state dict; for a sharded checkpoint's .index.json, all its shards' tensors merged."""
+def read_weights(weights: Path, text_only: bool = False) -> dict[str, torch.Tensor]:
+    """A weights file's state dict; for a sharded checkpoint's .index.json, all its shards' tensors merged.
+    `text_only`: see read_state_dict."""
     listed = shard_map(weights)
     if not listed:
-        return read_state_dict(weights)
+        return read_state_dict(weights, text_only)
     state: dict[str, torch.Tensor] = {}
     for name in sorted(set(listed.values())):
         if not (weights.parent / name).is_file():
             raise UsageError(f"{weights}: shard {name} is missing; download or copy it beside the index")
-        state.update(read_state_dict(weights.parent / name))
-    missing = sorted(set(listed) - set(state))
+        state.update(read_state_dict(weights.parent / name, text_only))
+    missing = sorted(set(listed) - set(state) if not text_only else {k for k in listed if is_text_key(k)} - set(state))
     if missing:
         raise UsageError(f"{weights}: '{missing[0]}' is listed but in none of the shards; download the shards again")
     return state
 
 
-def check_model(files: ModelFiles, config: CLIPConfig, state: dict[str, torch.Tensor]) -> CLIPModel:
-    """The float32 CLIPModel of read_model's result, every key and shape checked; errors name the weights file."""
+def check_model(files: ModelFiles, config: CLIPConfig, state: dict[str, torch.Tensor],
+                text_only: bool = False) -> CLIPModel:
+    """The float32 CLIPModel of read_model's result, every key and shape checked (the text tower's alone when
+    `text_only`); errors name the weights file."""
     fix = ("the weights do not belong to this config.json" if files.directory is not None
            else "the checkpoint is incomplete, damaged, or for another architecture")
     with _about(weights_file(files)):
-        return build_model(config, state, fix)
+        return build_model(config, state, fix, text_only=text_only)
 
 
 @contextmanager

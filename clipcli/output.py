@@ -1,40 +1,230 @@
-"""Rendering and writing results: table/csv/json/jsonl text, streamed .npy + .paths.txt sidecar, atomic files.
-Knows nothing of models; every file it writes appears complete or not at all (a stream such as /dev/stdout is
-written in place)."""
+"""Rendering and writing results: records as table/csv/json/jsonl rows (RowWriter, streamed per batch), the
+terminal-aware table, atomic text files, progress bars and display-safe paths. Knows nothing of models; every file
+it writes appears complete or not at all (a stream such as /dev/stdout is written in place)."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
+import shutil
 import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+from clipcli import scoring
 from clipcli.errors import OptionError, UsageError, os_reason
-from clipcli.fsutil import atomic_file, finish_file, folder_of, remove_file, temp_file, temp_prefix
+from clipcli.fsutil import atomic_file, finish_file, folder_of, new_file_mode, remove_file, temp_prefix
 
 if TYPE_CHECKING:
     from clipcli.index import Summary
+    from clipcli.organize import Step
 
 FORMATS = ("table", "csv", "json", "jsonl")
+# -o NAME.<ext> picks the format when --format is not given; any other name gets the table. html is the report.
+EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".html": "html"}
 
 
-def records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[dict]:
-    """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label."""
+def choose_format(output: str | None, fmt: str | None) -> str:
+    """The format to write: --format when given, else the one -o's extension names, else the table.
+
+    An explicit --format that contradicts the extension (-o out.json -f csv) is a UsageError."""
+    named = None if output is None or output == "-" else EXTENSION_FORMATS.get(os.path.splitext(output)[1].lower())
+    if fmt is None:
+        return named or "table"
+    if named is not None and named != fmt:
+        raise OptionError("fmt", fmt, f"contradicts the output name '{display_path(output or '')}', which is a "
+                          f"{named} file", "drop {option} (the extension chooses) or change the -o name")
+    return fmt
+
+
+# ---------------------------------------------------------------------------------------------- rows of records
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one command's records look in each format. json/jsonl write each record dict as it is.
+
+    csv_columns: the CSV header (fixed; a failure row fills `path` and `error`, so both should be among them).
+    csv_cells:   a record -> its CSV cells by column name (missing columns are empty); default: the record.
+    csv_lines:   a record -> the cells of each of its CSV lines, for a record that is several lines (a group of
+                 images, one line each); default: one line, csv_cells.
+    table:       (records, width, color) -> the table's text; width None means one line per row however long
+                 (files and pipes), a number the terminal's width to fit. Without it the format is refused.
+    (The HTML report, -o NAME.html, is report.py's: it needs every row at once, with the images.)"""
+
+    csv_columns: tuple[str, ...]
+    csv_cells: Callable[[dict], dict[str, object]] = dict
+    csv_lines: Callable[[dict], list[dict[str, object]]] | None = None
+    table: Callable[[list[dict], int | None, bool], str] | None = None
+
+
+class RowWriter:
+    """Writes a command's records (dicts) in one format to stdout or to a file, a batch at a time.
+
+    Any command with results per input uses it the same way (classify; search, duplicates, eval and
+    organize --dry-run with their own Layout)::
+
+        with RowWriter(output, "jsonl", layout) as rows:   # output None or "-": stdout
+            for batch in work:
+                rows.write([{"path": ..., ...}, {"path": ..., "error": "reason"}])
+
+    A record with an "error" key is a failure row: {"path": ..., "error": reason}; json/jsonl write it as it is,
+    csv fills the path and error columns. jsonl, csv and json rows go out as each batch is written: to stdout (or
+    a pipe, /dev/stdout) flushed per batch, so `| head -1` prints within seconds; to a file through a temp file
+    beside it, renamed into place when the `with` block ends without error (complete or absent, never half
+    written). The table needs every row to size its columns, so it is written at the end. Nothing is written
+    before the first batch, so a usage error found before it leaves stdout empty."""
+
+    def __init__(self, target: Path | str | None, fmt: str, layout: Layout) -> None:
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+        if fmt == "table" and layout.table is None:
+            raise OptionError("fmt", fmt, "is not available for this command", "choose another {option}")
+        self.fmt, self.layout = fmt, layout
+        self.target = None if target is None or str(target) == "-" else Path(target)
+        self._to_stdout = self.target is None
+        self._stream = self._to_stdout or is_stream(self.target)  # type: ignore[arg-type]
+        self._handle: IO | None = None
+        self._temp: str | None = None
+        self._held: list[dict] = []  # table: every record, written at the end
+        self._count = 0
+        self._started = False
+        if not self._stream:
+            assert self.target is not None
+            final = resolved_path(self.target)
+            try:
+                fd, self._temp = tempfile.mkstemp(prefix=temp_prefix(final), suffix=".part", dir=folder_of(final))
+                os.chmod(self._temp, new_file_mode(final))  # mkstemp makes it private; give it what open() would
+            except OSError as err:
+                raise write_error(self.target, err) from None
+            self._handle = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, records: Sequence[dict]) -> None:
+        """Write one batch of records (in order); flushed when going to a stream."""
+        if self.fmt == "table":
+            self._held.extend(records)
+        elif records:
+            self._emit("".join(self._encode(record) for record in records))
+
+    def close(self) -> None:
+        """Finish: the table, the json list's end or an empty CSV's header; rename a file into place."""
+        if self.fmt == "table":
+            assert self.layout.table is not None
+            terminal = self._to_stdout and sys.stdout.isatty()
+            width = shutil.get_terminal_size().columns if terminal else None
+            self._emit(self.layout.table(self._held, width, terminal and "NO_COLOR" not in os.environ))
+        elif self.fmt == "json":
+            self._emit("[]\n" if self._count == 0 else "\n]\n")
+        elif self.fmt == "csv" and not self._started:
+            self._emit("")  # the header alone
+        if self._handle is not None and self._temp is not None:
+            assert self.target is not None
+            try:
+                finish_file(self._handle)
+                os.replace(self._temp, resolved_path(self.target))
+            except OSError as err:
+                self.abort()
+                raise write_error(self.target, err) from None
+            self._temp = None
+        elif self._handle is not None:
+            self._handle.close()
+        self._handle = None
+
+    def abort(self) -> None:
+        """Stop: a file target keeps what it held before (the temp file is removed); a stream keeps what it got."""
+        if self._handle is not None:
+            try:
+                self._handle.close()
+            except OSError:
+                pass  # a pipe whose reader left: nothing more to say to it
+            self._handle = None
+        if self._temp is not None:
+            remove_file(self._temp)
+            self._temp = None
+
+    # ------------------------------------------------------------------------------------------ encoding
+
+    def _encode(self, record: dict) -> str:
+        if self.fmt == "jsonl":
+            return _json(record) + "\n"
+        if self.fmt == "json":
+            item = "  " + _json(record, indent=2).replace("\n", "\n  ")  # as json.dumps(list, indent=2) writes
+            first, self._count = self._count == 0, self._count + 1
+            return ("[\n" if first else ",\n") + item
+        if "error" in record:
+            lines: list[dict[str, object]] = [record]
+        else:
+            lines = self.layout.csv_lines(record) if self.layout.csv_lines else [self.layout.csv_cells(record)]
+        return "".join(_csv_line([cells.get(column, "") for column in self.layout.csv_columns]) for cells in lines)
+
+    def _emit(self, text: str) -> None:
+        if not self._started:
+            self._started = True
+            if self.fmt == "csv":
+                text = _csv_line(list(self.layout.csv_columns)) + text
+        if not text:
+            return
+        try:
+            if self._to_stdout:
+                from clipcli.process import write_stdout
+
+                write_stdout(text)
+                return
+            if self._handle is None:  # a stream (pipe, /dev/stdout): opened at the first output, appended to
+                assert self.target is not None
+                self._handle = open(  # noqa: SIM115 (kept open across batches; closed by close() or abort())
+                    self.target, "a", encoding="utf-8", errors="surrogateescape", newline="")
+            self._handle.write(text)
+            if self._stream:
+                self._handle.flush()
+        except BrokenPipeError:
+            raise  # whoever read the stream has stopped (`| head`): not a disk problem; the CLI exits quietly
+        except OSError as err:
+            raise write_error(self.target or Path("-"), err) from None
+
+
+def _csv_line(cells: Sequence[object]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(["" if cell is None else cell for cell in cells])
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- classify's rows
+
+
+CSV_COLUMNS = ("path", "label", "score")  # then one column per label, then "error"
+
+
+def classify_records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int,
+                     min_score: float | None = None) -> list[dict]:
+    """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label. With
+    `min_score`, an image whose top score is below it gets label None (its score and scores are still given)."""
     out = []
-    for path, row in zip(paths, probs, strict=True):
+    best = scoring.top_labels(probs, min_score)
+    for path, row, top in zip(paths, probs, best, strict=True):
         order = np.argsort(-row, kind="stable")
         out.append({
             "path": display_path(path),
-            "label": labels[order[0]],
+            "label": labels[top] if top >= 0 else None,
             "score": float(row[order[0]]),
             "top": [{"label": labels[i], "score": float(row[i])} for i in order[:top_k]],
             "scores": {label: float(p) for label, p in zip(labels, row, strict=True)},
@@ -42,35 +232,188 @@ def records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_
     return out
 
 
-CSV_COLUMNS = ("path", "label", "score")  # before one column per label
+def failure_record(path: str, reason: str) -> dict:
+    """The row of an input that failed: {"path": ..., "error": reason}."""
+    return {"path": display_path(path), "error": reason}
 
 
 def check_labels_for(fmt: str, labels: Sequence[str]) -> None:
     """UsageError when a label would share its CSV column name with a fixed column, so that a reader by header
     name could not tell them apart."""
-    clash = next((label for label in labels if label in CSV_COLUMNS), None) if fmt == "csv" else None
+    fixed = (*CSV_COLUMNS, "error")
+    clash = next((label for label in labels if label in fixed), None) if fmt == "csv" else None
     if clash is not None:
-        raise OptionError("labels", clash, f"is also the name of a fixed CSV column ({', '.join(CSV_COLUMNS)})",
+        raise OptionError("labels", clash, f"is also the name of a fixed CSV column ({', '.join(fixed)})",
                           f"rename it (e.g. 'a {clash}') or use --format json or jsonl")
 
 
-def render(rows: list[dict], labels: Sequence[str], fmt: str, color: bool = False) -> str:
-    """Classification records as text in `fmt` (table, csv, json or jsonl)."""
-    if fmt == "jsonl":
-        return "".join(_json(r) + "\n" for r in rows)
-    if fmt == "json":
-        return _json(rows, indent=2) + "\n"
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow([*CSV_COLUMNS, *labels])
-        for r in rows:
-            scores = (f"{r['scores'][label]:.6g}" for label in labels)
-            writer.writerow([r["path"], r["label"], f"{r['score']:.6g}", *scores])
-        return buffer.getvalue()
-    if fmt == "table":
-        return _table(rows, color)
-    raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+def classify_layout(labels: Sequence[str], score: str = "prob") -> Layout:
+    """classify's rows: csv path,label,score,<one column per label>,error (a label None, below --min-score, is
+    empty); the table shows the top-k labels, probabilities as percentages and cosines as they are (`score`)."""
+
+    def cells(record: dict) -> dict[str, object]:
+        scores = {label: f"{p:.6g}" for label, p in record["scores"].items()}
+        return {"path": record["path"], "label": record["label"] or "", "score": f"{record['score']:.6g}", **scores}
+
+    return Layout(csv_columns=(*CSV_COLUMNS, *labels, "error"), csv_cells=cells,
+                  table=functools.partial(classify_table, score=score))
+
+
+def classify_table(records: list[dict], width: int | None, color: bool, score: str = "prob") -> str:
+    """The table people read: path, then the top-k labels with their scores, `-` first for an image below
+    --min-score (failures are on stderr)."""
+    rows = [r for r in records if "error" not in r]
+    ranks = max((len(r["top"]) for r in rows), default=1)
+    header = ["path", "top label", *(f"#{rank + 1}" for rank in range(1, ranks))]
+    cells = []
+    for r in rows:
+        shown = [f"{t['label']} {_score_text(t['score'], score)}" for t in r["top"]]
+        if r["label"] is None:  # below --min-score: no label
+            shown[0] = "-"
+        cells.append([r["path"], *shown])
+    return table_text(header, cells, width, shorten=0, droppable_from=2, emphasis=1 if color else None, color=color)
+
+
+def _score_text(value: float, score: str) -> str:
+    return f"{100 * value:.1f}%" if score == "prob" else f"{value:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------- search, duplicates
+
+
+SEARCH_CSV_COLUMNS = ("path", "score", "error")
+DUPLICATES_CSV_COLUMNS = ("group", "size", "min_score", "path")  # one line per image
+
+
+def search_records(hits: Sequence[tuple[str, float]]) -> list[dict]:
+    """One dict per (path, cosine), in the order given (best first): {"path", "score"}."""
+    return [{"path": display_path(path), "score": float(score)} for path, score in hits]
+
+
+def search_layout() -> Layout:
+    """search's rows: csv path,score,error; the table shows rank, score and path."""
+    return Layout(csv_columns=SEARCH_CSV_COLUMNS, csv_cells=lambda r: {"path": r["path"], "score": f"{r['score']:.6g}"},
+                  table=search_table)
+
+
+def search_table(records: list[dict], width: int | None, color: bool) -> str:
+    """rank, score (the cosine, 4 decimals) and path, one line per image (failures are on stderr)."""
+    hits = [r for r in records if "error" not in r]
+    rows = [[str(rank), f"{r['score']:.4f}", r["path"]] for rank, r in enumerate(hits, 1)]
+    return table_text(["rank", "score", "path"], rows, width, shorten=2, emphasis=1 if color else None, color=color)
+
+
+def duplicate_records(groups: Sequence[tuple[Sequence[str], float]]) -> list[dict]:
+    """One dict per group of near-duplicates, in the order given: {"paths": [...], "min_score": x}."""
+    return [{"paths": [display_path(path) for path in paths], "min_score": float(score)} for paths, score in groups]
+
+
+def duplicates_layout() -> Layout:
+    """duplicates' rows: json/jsonl one group per row; csv group,size,min_score,path and the table one line per
+    image (groups numbered from 1 in the order written)."""
+    numbers = iter(range(1, 1 << 62))
+
+    def lines(record: dict) -> list[dict[str, object]]:
+        number, size, score = next(numbers), len(record["paths"]), f"{record['min_score']:.6g}"
+        return [{"group": number, "size": size, "min_score": score, "path": path} for path in record["paths"]]
+
+    return Layout(csv_columns=DUPLICATES_CSV_COLUMNS, csv_lines=lines, table=duplicates_table)
+
+
+def duplicates_table(records: list[dict], width: int | None, color: bool) -> str:
+    """One line per image: its group's number on every line, the group's size and min score on its first."""
+    rows = []
+    for number, r in enumerate(records, 1):
+        for i, path in enumerate(r["paths"]):
+            first = i == 0
+            rows.append([str(number), str(len(r["paths"])) if first else "",
+                         f"{r['min_score']:.4f}" if first else "", path])
+    return table_text(["group", "size", "min score", "path"], rows, width, shorten=3, color=color)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def table_text(header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None, *, shorten: int = 0,
+               droppable_from: int | None = None, emphasis: int | None = None, color: bool = False) -> str:
+    """Rows as aligned columns two spaces apart under a header, exactly one line per row (no cell can hold a line
+    break: control characters are escaped).
+
+    width None: every column as wide as its widest cell (files and pipes: grep, sort and wc -l see one row per
+    line). With a width (a terminal's): columns from `droppable_from` on are dropped from the right while the rest
+    would not fit with column `shorten` at half the width, then that column's cells are cut in the middle with '…'
+    (the end of a path, its file name, is kept longest), and any line still too wide is cut at the width.
+    `emphasis` (a column) and the header are bold when `color`."""
+    from rich.cells import cell_len
+
+    grid = [[display_line(c) for c in header], *([display_line(c) for c in row] for row in rows)]
+    count = len(grid[0])
+    widths = [max((cell_len(row[i]) for row in grid if i < len(row)), default=0) for i in range(count)]
+    if width is not None:
+        readable = min(widths[shorten], max(24, width // 2))
+        keep = count
+        while droppable_from is not None and keep > droppable_from and (
+                sum(widths[:keep]) - widths[shorten] + readable + 2 * (keep - 1) > width):
+            keep -= 1
+        widths = widths[:keep]
+        room = width - (sum(widths) - widths[shorten]) - 2 * (keep - 1)
+        widths[shorten] = max(min(widths[shorten], room), min(widths[shorten], 8))
+        grid = [row[:keep] for row in grid]
+        for row in grid:
+            if shorten < len(row):
+                row[shorten] = shorten_middle(row[shorten], widths[shorten])
+    lines = []
+    for number, row in enumerate(grid):
+        parts = []
+        for i, cell in enumerate(row):
+            padded = cell + " " * (widths[i] - cell_len(cell)) if i < len(row) - 1 else cell
+            if color and (number == 0 or i == emphasis):
+                padded = f"\x1b[1m{cell}\x1b[0m" + padded[len(cell):]
+            parts.append(padded)
+        line = "  ".join(parts).rstrip(" ")
+        if width is not None and cell_len(_plain(line)) > width:
+            line = _cut_end(_plain(line), width)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """`text` in at most `width` terminal cells: the middle replaced by '…', keeping three times more of the end (a
+    path's file name) than of the start."""
+    from rich.cells import cell_len
+
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    budget = width - 1
+    head_budget = budget // 4
+    head, used = "", 0
+    for char in text:
+        if used + cell_len(char) > head_budget:
+            break
+        head, used = head + char, used + cell_len(char)
+    tail, used = "", 0
+    for char in reversed(text):
+        if used + cell_len(char) > budget - cell_len(head):
+            break
+        tail, used = char + tail, used + cell_len(char)
+    return f"{head}…{tail}"
+
+
+def _cut_end(text: str, width: int) -> str:
+    from rich.cells import cell_len
+
+    out, used = "", 0
+    for char in text:
+        if used + cell_len(char) > width - 1:
+            break
+        out, used = out + char, used + cell_len(char)
+    return out + "…"
+
+
+def _plain(line: str) -> str:
+    return line.replace("\x1b[1m", "").replace("\x1b[0m", "")
 
 
 # Line breaks that JSON leaves unescaped but str.splitlines() and many line readers split on (NEL, LS, PS):
@@ -80,103 +423,6 @@ _JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 def _json(value: object, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent).translate(_JSON_LINE_BREAKS)
-
-
-def _table(rows: list[dict], color: bool) -> str:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(show_edge=False, header_style="bold" if color else "")
-    table.add_column("path", overflow="fold")
-    width = max((len(r["top"]) for r in rows), default=1)
-    for rank in range(width):
-        table.add_column("top label" if rank == 0 else f"#{rank + 1}")
-    for r in rows:
-        cells = [Text(f"{t['label']} {100 * t['score']:.1f}%", style="bold" if i == 0 and color else "")
-                 for i, t in enumerate(r["top"])]
-        table.add_row(Text(r["path"]), *cells)
-    buffer = io.StringIO()
-    Console(file=buffer, width=max(80, min(200, 30 + 24 * width)), color_system="auto" if color else None,
-            force_terminal=color, highlight=False).print(table)
-    return buffer.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------- search, duplicates
-
-SEARCH_CSV_COLUMNS = ("path", "score")
-DUPLICATES_CSV_COLUMNS = ("group", "size", "min_score", "path")  # one line per image
-
-
-def search_records(hits: Sequence[tuple[str, float]]) -> list[dict]:
-    """One dict per (path, cosine), in the order given (best first): {"path", "score"}."""
-    return [{"path": display_path(path), "score": float(score)} for path, score in hits]
-
-
-def search_table(records: list[dict], width: int | None = None, color: bool = False) -> str:
-    """rank, score (the cosine, 4 decimals) and path, one line per image."""
-    rows = [[str(rank), f"{r['score']:.4f}", r["path"]] for rank, r in enumerate(records, 1)]
-    return _aligned(["rank", "score", "path"], rows, right={0, 1})
-
-
-def render_search(records: list[dict], fmt: str) -> str:
-    """Search records as text in `fmt` (table, csv, json or jsonl)."""
-    return _render(records, fmt, search_table, SEARCH_CSV_COLUMNS,
-                   lambda r: [[r["path"], f"{r['score']:.6g}"]])
-
-
-def duplicate_records(groups: Sequence[tuple[Sequence[str], float]]) -> list[dict]:
-    """One dict per group of near-duplicates, in the order given: {"paths": [...], "min_score": x}."""
-    return [{"paths": [display_path(path) for path in paths], "min_score": float(score)} for paths, score in groups]
-
-
-def duplicates_table(records: list[dict], width: int | None = None, color: bool = False) -> str:
-    """One line per image: its group's number on every line, the group's size and min score on its first."""
-    rows = []
-    for number, r in enumerate(records, 1):
-        for i, path in enumerate(r["paths"]):
-            first = i == 0
-            rows.append([str(number), str(len(r["paths"])) if first else "",
-                         f"{r['min_score']:.4f}" if first else "", path])
-    return _aligned(["group", "size", "min score", "path"], rows, right={0, 1, 2})
-
-
-def render_duplicates(records: list[dict], fmt: str) -> str:
-    """Duplicate groups as text in `fmt`: json/jsonl one group per row, csv and table one line per image."""
-    return _render(records, fmt, duplicates_table, DUPLICATES_CSV_COLUMNS, lambda r: [
-        [str(r["group"]), str(len(r["paths"])), f"{r['min_score']:.6g}", path] for path in r["paths"]])
-
-
-def _render(records: list[dict], fmt: str, table: Callable[[list[dict]], str], columns: Sequence[str],
-            csv_rows: Callable[[dict], list[list[str]]]) -> str:
-    if fmt == "jsonl":
-        return "".join(_json(r) + "\n" for r in records)
-    if fmt == "json":
-        return _json(records, indent=2) + "\n"
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-        for number, r in enumerate(records, 1):
-            writer.writerows(csv_rows({**r, "group": number}))
-        return buffer.getvalue()
-    if fmt == "table":
-        return table(records)
-    raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
-
-
-def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
-    """Columns two spaces apart under a header, one line per row (control characters in cells escaped)."""
-    from rich.cells import cell_len
-
-    grid = [[display_line(cell) for cell in row] for row in [header, *rows]]
-    widths = [max(cell_len(row[i]) for row in grid) for i in range(len(header))]
-    lines = []
-    for row in grid:
-        cells = [" " * (widths[i] - cell_len(cell)) + cell if i in right else
-                 cell + " " * (widths[i] - cell_len(cell)) for i, cell in enumerate(row)]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines) + "\n"
 
 
 def check_writable(path: Path, stream_ok: bool = True) -> None:
@@ -190,7 +436,7 @@ def check_writable(path: Path, stream_ok: bool = True) -> None:
         if not stream_ok:
             raise UsageError(f"output '{path}' is not a regular file; give a file name")
         return
-    folder = folder_of(_resolved(path))
+    folder = folder_of(resolved_path(path))
     if not folder.exists():
         raise UsageError(f"output folder '{folder}' does not exist; create it first")
     if not folder.is_dir():
@@ -234,77 +480,12 @@ def write_text(path: Path, text: str) -> None:
             with open(path, "a", encoding="utf-8", errors="surrogateescape", newline="") as handle:
                 handle.write(text)
             return
-        with atomic_file(_resolved(Path(path))) as handle:
+        with atomic_file(resolved_path(Path(path))) as handle:
             handle.write(text)
     except BrokenPipeError:
         raise  # whoever read the stream has stopped (`| head`): not a disk problem; the CLI exits quietly
     except OSError as err:
-        raise _write_error(path, err) from None
-
-
-def sidecar_path(npy: Path) -> Path:
-    """emb.npy -> emb.paths.txt beside it."""
-    npy = Path(npy)
-    return npy.with_name((npy.name[:-4] if npy.name.lower().endswith(".npy") else npy.name) + ".paths.txt")
-
-
-class EmbeddingWriter:
-    """Streams float32 rows to disk, then writes `<name>.npy` (N, D) and `<name>.paths.txt` atomically.
-
-    Rows go to a temp file as they come, so memory stays flat; the .npy appears only when close() finishes.
-    Disk errors (full, read-only) are UsageErrors: nothing is written, and the command says why."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = _resolved(Path(path))
-        self.sidecar = _resolved(sidecar_path(Path(path)))  # beside the name given, wherever a link points
-        try:
-            fd, self._rows_file = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".rows",
-                                                   dir=folder_of(self.path))
-        except OSError as err:
-            raise _write_error(self.path, err) from None
-        self._rows = os.fdopen(fd, "wb")
-        self._names: list[str] = []
-        self._width: int | None = None
-
-    def add(self, names: Sequence[str], rows: np.ndarray) -> None:
-        """Append (B, D) rows, one per name."""
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if self._width is None:
-            self._width = rows.shape[1]
-        try:
-            self._rows.write(rows.tobytes())
-        except OSError as err:
-            raise _write_error(self.path, err) from None
-        self._names.extend(names)
-
-    def close(self, width: int) -> None:
-        """Finish: write the .npy (header + rows) and the sidecar to temp files, then rename both into place."""
-        count, width = len(self._names), self._width or width
-        sidecar = self.sidecar
-        try:
-            self._rows.close()
-            # Both files are complete on disk before either is renamed, and the .npy is renamed last: a new .npy
-            # never stands beside an old sidecar, and an interruption before the renames leaves the old pair.
-            with temp_file(sidecar, "w") as (names, names_temp), temp_file(self.path, "wb") as (array, array_temp):
-                names.write("".join(_sidecar_line(name) + "\n" for name in self._names))
-                finish_file(names)
-                np.lib.format.write_array_header_1_0(
-                    array, {"descr": "<f4", "fortran_order": False, "shape": (count, width)})
-                with open(self._rows_file, "rb") as rows:
-                    while chunk := rows.read(1 << 20):
-                        array.write(chunk)
-                finish_file(array)
-                os.replace(names_temp, sidecar)
-                os.replace(array_temp, self.path)
-        except OSError as err:
-            raise _write_error(self.path, err) from None
-        finally:
-            remove_file(self._rows_file)
-
-    def abort(self) -> None:
-        """Drop everything written so far; nothing appears at the target paths."""
-        self._rows.close()
-        remove_file(self._rows_file)
+        raise write_error(path, err) from None
 
 
 def is_stream(path: Path) -> bool:
@@ -331,23 +512,14 @@ def is_stream(path: Path) -> bool:
     return False
 
 
-def _resolved(path: Path) -> Path:
-    # Through a symbolic link to the file it names: renaming onto the link would replace the link, not the file.
+def resolved_path(path: Path) -> Path:
+    """Through a symbolic link to the file it names: renaming onto the link would replace the link, not the file."""
     return Path(os.path.realpath(path)) if os.path.islink(path) else path
 
 
-def _write_error(path: Path, err: OSError) -> UsageError:
+def write_error(path: Path, err: OSError) -> UsageError:
+    """A failed write as a UsageError naming the file: nothing was written, and the command says why."""
     return UsageError(f"cannot write '{path}': {os_reason(err)}; check the disk and the folder")
-
-
-# Every character str.splitlines() breaks at, so that any line reader gets one sidecar line per row.
-_SIDECAR_BREAKS = {ord("\n"): "\\n", ord("\r"): "\\r", 0x0B: "\\x0b", 0x0C: "\\x0c", 0x1C: "\\x1c",
-                   0x1D: "\\x1d", 0x1E: "\\x1e", 0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-
-
-def _sidecar_line(name: str) -> str:
-    # A path or text holding a line break would shift every later line of the sidecar: write it as "\n".
-    return name.translate(_SIDECAR_BREAKS)
 
 
 def display_path(path: str) -> str:
@@ -407,3 +579,89 @@ def render_index_summary(summary: Summary) -> str:
         lines.append(f"{model.name} [{model.fingerprint[:12]}]  {precision}: {model.images:,} images, "
                      f"{model.prompts:,} prompts")
     return "\n".join(lines) + "\n"
+
+
+def render_plan(steps: Sequence[Step], score: str = "prob") -> str:
+    """`clip organize --dry-run`'s plan: a header, then one line per image, `source -> destination`, its label (`-`
+    below --min-score), its top score and the action; columns aligned, a row never wrapped."""
+    rows = [("source", "", "destination", "label", "score", "action")]
+    rows += [(display_line(step.source), "->", display_line(step.destination),
+              "-" if step.label is None else display_line(step.label), _score_text(step.score, score), step.action)
+             for step in steps]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join("  ".join([*(row[i].ljust(width) for i, width in enumerate(widths)), row[-1]]) + "\n"
+                   for row in rows)
+
+
+# ---------------------------------------------------------------------------------------------- clip eval
+
+EVAL_FORMATS = ("table", "csv", "json")
+
+
+def render_eval(summary: dict, fmt: str) -> str:
+    """`clip eval`'s result (evaluate.Metrics.to_json() plus "errors") as text in `fmt` (table, csv or json).
+
+    csv: one row per true class (label, images, recall, precision) and its confusion-matrix row as one
+    `predicted:<label>` column per label; an undefined figure is an empty cell (json: null; table: -)."""
+    labels: list[str] = summary["labels"]
+    if fmt == "json":
+        # Indented, with each confusion-matrix row on one line so that the matrix reads as one.
+        marker = "\0confusion\0"
+        rows = ",\n".join("    " + _json(row) for row in summary["confusion_matrix"])
+        text = _json({**summary, "confusion_matrix": marker}, indent=2)
+        matrix = f"[\n{rows}\n  ]" if rows else "[]"
+        return text.replace(f'"confusion_matrix": {_json(marker)}', f'"confusion_matrix": {matrix}', 1) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["label", "images", "recall", "precision", *(f"predicted:{label}" for label in labels)])
+        for label, row in zip(labels, summary["confusion_matrix"], strict=True):
+            writer.writerow([label, summary["support"][label], _figure(summary["per_class_recall"][label], ""),
+                             _figure(summary["per_class_precision"][label], ""), *row])
+        return buffer.getvalue()
+    if fmt == "table":
+        return _eval_table(summary)
+    raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(EVAL_FORMATS)}")
+
+
+def _figure(value: float | None, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.4f}"
+
+
+def _eval_table(summary: dict) -> str:
+    """Metrics, then one line per class, then the confusion matrix (classes numbered) when it fits in 30 columns.
+    Every row is one line: labels have line breaks and control characters escaped and are cut at 40 characters."""
+    labels: list[str] = summary["labels"]
+    shown = [_cut(display_line(label), 40) for label in labels]
+    with_images = sum(1 for label in labels if summary["support"][label])
+    lines = [
+        f"{'images':<23}{summary['n']} in {len(labels)} classes",
+        f"{'acc1':<23}{_figure(summary['acc1'])}",
+        f"{'acc5':<23}{_figure(summary['acc5'])}" + ("  (needs at least 5 classes)" if len(labels) < 5 else ""),
+        f"{'mean_per_class_recall':<23}{_figure(summary['mean_per_class_recall'])}"
+        f"  (over the {with_images} classes with images)",
+        "",
+    ]
+    width = max([5, *(len(label) for label in shown)])
+    lines.append(f"{'class':<{width}}  {'images':>6}  {'recall':>6}  {'precision':>9}")
+    for label, name in zip(labels, shown, strict=True):
+        lines.append(f"{name:<{width}}  {summary['support'][label]:>6}  "
+                     f"{_figure(summary['per_class_recall'][label]):>6}  "
+                     f"{_figure(summary['per_class_precision'][label]):>9}")
+    lines.append("")
+    matrix = summary["confusion_matrix"]
+    if len(labels) > 30:
+        lines.append(f"confusion matrix: {len(labels)} x {len(labels)}, too wide for a table; see --format json "
+                     "or --output report.html")
+        return "\n".join(lines) + "\n"
+    cell = max([len(str(len(labels))), *(len(str(value)) for row in matrix for value in row)]) + 1
+    lead = len(str(len(labels))) + 1 + width
+    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    lines.append(" " * lead + "".join(f"{number:>{cell}}" for number in range(1, len(labels) + 1)))
+    for number, (name, row) in enumerate(zip(shown, matrix, strict=True), 1):
+        lines.append(f"{number:>{len(str(len(labels)))}} {name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -102,6 +102,7 @@ class Session:
         self._fingerprint: str | None = None
         self._info: ModelInfo | None = None
         self._clip: Clip | None = None
+        self._text_clip: Clip | None = None  # the text tower alone, while no image had to be computed
         self._dtype: str | None = None
         self._device_type: str | None = None
         if clip is not None:
@@ -139,7 +140,7 @@ class Session:
                 self._info = ModelInfo(int(recorded["projection_dim"]), float(recorded["logit_scale"]),
                                        int(recorded["context_length"]))
             else:
-                self.clip  # loading records it  # noqa: B018
+                self.text_clip  # loading records it  # noqa: B018
         assert self._info is not None
         return self._info
 
@@ -153,15 +154,33 @@ class Session:
             assert self._clip is not None
         return self._clip
 
+    @property
+    def text_clip(self) -> Clip:
+        """A model that can embed texts: the loaded model, else the text tower alone (loaded now)."""
+        if self._clip is not None:
+            return self._clip
+        if self._text_clip is None:
+            from clipcli.loader import load_files
+
+            self._text_clip = load_files(self.files, device=self.settings.device, dtype=self.settings.dtype,
+                                         text_only=True)
+            if self._info is None:
+                self._record(self._text_clip)
+        return self._text_clip
+
     def _use(self, clip: Clip) -> None:
         self._device_type, self._dtype = clip.device.type, clip.dtype_name
+        self._record(clip)
+        self._clip = clip
+
+    def _record(self, clip: Clip) -> None:
+        """Keep what runs without a model need to know of it, here and in the index."""
         self._info = ModelInfo(clip.config.projection_dim, clip.logit_scale, clip.config.text.max_position_embeddings)
         if self.index is not None and self.fingerprint is not None:
             self.index.add_model(self.fingerprint, self.settings.model, {
                 "projection_dim": self._info.projection_dim, "logit_scale": self._info.logit_scale,
                 "context_length": self._info.context_length, "image_size": clip.config.vision.image_size,
                 "source": clip.source})
-        self._clip = clip
 
     def _resolve_device(self) -> None:
         """Device type and dtype name of the run, importing torch only when the answer depends on it."""
@@ -177,6 +196,26 @@ class Session:
         chosen = resolve_dtype(dtype, target)
         self._device_type = target.type
         self._dtype = next(name for name, value in DTYPE_NAMES.items() if value == chosen)
+
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or bf16: what the image tower runs in (found without torch where the answer allows)."""
+        self._resolve_device()
+        assert self._dtype is not None
+        return self._dtype
+
+    def model_fingerprint(self) -> str:
+        """The model's content fingerprint (index.model_fingerprint): the index's when there is one, else the model
+        files are hashed now."""
+        if self.fingerprint is not None:
+            return self.fingerprint
+        from clipcli.index import model_fingerprint
+
+        try:
+            return model_fingerprint(self.files)
+        except OSError as err:
+            raise UsageError(f"cannot read the model files of '{self.files.spec}' ({os_reason(err)}); check "
+                             "their permissions") from None
 
     @property
     def variant(self) -> Variant | None:
@@ -195,7 +234,7 @@ class Session:
         found = self.index.text_features(self.fingerprint, unique) if self.index and self.fingerprint else {}
         missing = [text for text in unique if text not in found]
         if missing:
-            clip = self.clip
+            clip = self.text_clip
             features = clip.text_features(missing)
             self.computed_texts += len(missing)
             rows = [(text, row, clip.tokenizer.is_truncated(text)) for text, row in zip(missing, features, strict=True)]
@@ -471,12 +510,31 @@ def label_embeddings(session: Session, labels: Sequence[str], templates: Sequenc
                   [label for label in labels if label in cut])
 
 
-def classify(session: Session, paths: Sequence[str], labels: Labels, progress: Progress | None = None,
-             ) -> Iterator[ScoreBatch]:
-    """Batches of (B, L) label probabilities (softmax of logit_scale * cosine) in `paths` order."""
+def check_score(score: str, min_score: float | None = None) -> None:
+    """UsageError unless `score` is a score kind (scoring.SCORE_KINDS) and `min_score`, if given, a value such a
+    score can take (a probability threshold of 50 meant as a percentage would leave every image unlabelled)."""
+    if score not in scoring.SCORE_KINDS:
+        raise OptionError("score", score, "unknown score", f"use {{option}} {' or '.join(scoring.SCORE_KINDS)}")
+    if min_score is None:
+        return
+    low, high = scoring.score_range(score)
+    if not low <= min_score <= high:  # NaN included
+        what = "a probability" if score == "prob" else "a cosine"
+        raise OptionError("min_score", min_score, f"must be between {low:g} and {high:g} ({what}, --score {score})",
+                          f"e.g. {{option}} {0.5 if score == 'prob' else 0.25}")
+
+
+def classify(session: Session, paths: Sequence[str], labels: Labels, progress: Progress | None = None, *,
+             score: str = "prob") -> Iterator[ScoreBatch]:
+    """Batches of (B, L) float32 label scores in `paths` order: with `score` "prob" the probabilities over the labels
+    (softmax of logit_scale * cosine), with "cosine" each label's cosine similarity on its own."""
+    check_score(score)
     for batch in session.image_features(paths, progress):
-        yield ScoreBatch(batch.paths, scoring.probabilities(batch.features, labels.embeddings,
-                                                            session.info.logit_scale), batch.failures)
+        if score == "cosine":
+            scores = scoring.cosines(batch.features, labels.embeddings)
+        else:
+            scores = scoring.probabilities(batch.features, labels.embeddings, session.info.logit_scale)
+        yield ScoreBatch(batch.paths, scores, batch.failures)
 
 
 def embed_images(session: Session, paths: Sequence[str], *, normalized: bool = True,

@@ -362,6 +362,7 @@ def _decode(file: Any, draft_size: int | None) -> Image.Image:
     try:
         # Pillow raises DecompressionBombError above 2 * MAX_IMAGE_PIXELS and only warns above MAX_IMAGE_PIXELS;
         # we refuse both, turning the warning into an error without touching the global filters.
+        _ensure_decoder(file)
         with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(file)  # the first frame of an animation is the current one after open
@@ -373,7 +374,7 @@ def _decode(file: Any, draft_size: int | None) -> Image.Image:
         # the warning.
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and image.width * image.height > limit:
-            raise InputError(f"image too large ({image.width * image.height} pixels, limit {limit})")
+            raise InputError(_too_large(image.width * image.height))
         try:
             ImageOps.exif_transpose(image, in_place=True)
         except Exception:  # unreadable EXIF: show the pixels as stored, as browsers do
@@ -385,8 +386,7 @@ def _decode(file: Any, draft_size: int | None) -> Image.Image:
         raise InputError(_unidentified_reason(file)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         found = _BOMB_MESSAGE.search(str(exc))
-        pixels = f"{found.group(1)} pixels, " if found else ""
-        raise InputError(f"image too large ({pixels}limit {Image.MAX_IMAGE_PIXELS})") from None
+        raise InputError(_too_large(int(found.group(1)) if found else None)) from None
     except Exception as exc:  # Pillow's decoders raise many types on bad data
         raise InputError(_decode_reason(exc)) from exc
 
@@ -399,9 +399,75 @@ def _unidentified_reason(file: Any) -> str:
         return "not an image file"
     if head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return "corrupt image header"
-    if head[4:8] == b"ftyp":  # ISO media (HEIC, AVIF) that this Pillow cannot decode
+    if head[4:8] == b"ftyp":  # ISO media that is neither HEIF nor AVIF (those are checked before opening)
         return "unsupported image format"
     return "not an image file"
+
+
+def set_max_megapixels(megapixels: float | None) -> None:
+    """Set Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) that decoding reads; None: no limit.
+
+    Process-wide, like the limit itself: for a program to call once (the CLI's --max-megapixels), never a library."""
+    Image.MAX_IMAGE_PIXELS = None if megapixels is None else max(1, int(megapixels * 1_000_000))
+
+
+def _too_large(pixels: int | None) -> str:
+    """The reason for an image beyond Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, process-wide)."""
+    size = f"{pixels:,} pixels, " if pixels else ""
+    return (f"image too large ({size}limit {Image.MAX_IMAGE_PIXELS or 0:,}); if you trust it, raise the limit "
+            "(--max-megapixels)")
+
+
+# ISO base media brands (the `ftyp` box) of HEIF stills and sequences, and of AVIF. An AVIF file may carry the
+# generic HEIF brand mif1 too, so AVIF's own brands are looked for first.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"})
+HEIF_INSTALL = "pip install 'clipcli[heif]'"
+_HEIF_LOCK = threading.Lock()
+_heif_ready: bool | None = None  # None: not tried yet; registering is process-wide, done at first need
+
+
+def iso_brands(head: bytes) -> set[bytes]:
+    """The major and compatible brands of an ISO base media file's leading `ftyp` box; empty for other data."""
+    if len(head) < 12 or head[4:8] != b"ftyp":
+        return set()
+    size = min(int.from_bytes(head[:4], "big"), len(head))
+    return {head[8:12], *(head[i:i + 4] for i in range(16, size - 3, 4))}
+
+
+def _ensure_decoder(file: Any) -> None:
+    """Make sure Pillow can open a HEIF or AVIF file before trying, or raise InputError naming what to install.
+
+    pillow-heif's opener is registered with Pillow on the first HEIF file, not at import: it is optional, and a
+    run without HEIF files never loads it. AVIF is Pillow's own plugin (in a Pillow built with libavif)."""
+    head = file.read(64)
+    file.seek(0)
+    brands = iso_brands(head)
+    if not brands:
+        return
+    if brands & _AVIF_BRANDS:
+        from PIL import features
+
+        if not features.check("avif"):
+            raise InputError("AVIF image, but this Pillow was built without AVIF support; install a Pillow that has "
+                             "it (pip install -U pillow: recent wheels include it)")
+    elif brands & _HEIF_BRANDS and not heif_available():
+        raise InputError(f"HEIC/HEIF image, but HEIF support is not installed; {HEIF_INSTALL}")
+
+
+def heif_available() -> bool:
+    """True once pillow-heif's opener is registered with Pillow (done now if not yet); False without pillow-heif."""
+    global _heif_ready
+    with _HEIF_LOCK:
+        if _heif_ready is None:
+            try:
+                import pillow_heif
+            except ImportError:
+                _heif_ready = False
+            else:
+                pillow_heif.register_heif_opener()
+                _heif_ready = True
+        return _heif_ready
 
 
 def _decode_reason(exc: Exception) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import signal
 import sys
 import warnings
@@ -14,7 +15,7 @@ from typing import Any
 
 import typer
 from typer import _click as click
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from clipcli.errors import InputError, OptionError, UsageError
 
@@ -24,8 +25,11 @@ EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143
 # The flag behind each library parameter name, for OptionError messages.
 FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch-size", "workers": "--workers",
          "hidden_act": "--activation", "force": "--force", "labels": "--labels", "templates": "--template",
-         "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k",
-         "query": "QUERY", "query_image": "query image", "subtract": "--subtract", "threshold": "--threshold"}
+         "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k", "score": "--score",
+         "min_score": "--min-score", "into": "--into", "undo": "--undo", "class_names": "--class-names",
+         "dataset": "DATASET", "exclude": "--exclude", "files_from": "--files-from",
+         "max_megapixels": "--max-megapixels", "query": "QUERY", "query_image": "query image",
+         "subtract": "--subtract", "threshold": "--threshold"}
 
 
 def eprint(message: str) -> None:
@@ -55,7 +59,8 @@ class OneLineErrors(TyperGroup):
             sys.exit(err.exit_code)
         except click.exceptions.UsageError as err:
             where = f"; see '{err.ctx.command_path} --help'" if err.ctx is not None else ""
-            eprint(f"error: {' '.join(err.format_message().split()).rstrip('.')}{where}")
+            message = bad_value_message(err) if isinstance(err, click.exceptions.BadParameter) else None
+            eprint(f"error: {message or ' '.join(err.format_message().split()).rstrip('.')}{where}")
             sys.exit(err.exit_code)
         except click.exceptions.ClickException as err:
             err.show()
@@ -64,6 +69,62 @@ class OneLineErrors(TyperGroup):
             eprint("aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+class ClipCommand(TyperCommand):
+    """A command whose --help names values, not Python types: Typer would show `PATH <list[str]>` for an argument
+    (options say what they take through their metavar, e.g. `--dtype [auto|fp32|fp16|bf16]`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "param_type_name", "") == "argument" and param.metavar:
+                setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010 (an instance's method)
+
+
+# click's own wording of a rejected value, which starts with the value: "'yaml' is not one of ...", "0 is not in the
+# range x>=1", "'x' is not a valid integer".
+_CLICK_VALUE = re.compile(r"^(?:Value error, )?'?(.*?)'? is not (?:one of|in the range|a valid)", re.S)
+_BOUNDS = {"greater_than_equal": "at least", "greater_than": "more than", "less_than_equal": "at most",
+           "less_than": "less than"}
+
+
+def bad_value_message(err: click.exceptions.BadParameter) -> str | None:
+    """A rejected option value in plain words, with the choices where there are some: "--format 'yaml' is not one
+    of the choices; use one of table, csv, json, jsonl". None when the error is not about one given value.
+
+    Typer up to 0.28 checks values with click's types; 0.29 with pydantic, whose error carries the value."""
+    param = err.param
+    if param is None or isinstance(err, click.exceptions.MissingParameter):
+        return None
+    options = [opt for opt in getattr(param, "opts", []) if opt.startswith("-")]
+    name = max(options, key=len) if options else (param.metavar or param.name or "value").rstrip(".")
+    message = " ".join(str(err.message).split()).rstrip(".")
+    details = getattr(err.__cause__, "errors", None)
+    first = details()[0] if callable(details) and details() else {}
+    found = _CLICK_VALUE.match(message)
+    value = first.get("input", found.group(1) if found else None)
+    kind = first.get("type") or type(getattr(param, "type", None)).__name__
+    descriptor = getattr(param, "type_descriptor", None)
+    listed = descriptor.choices if descriptor is not None and descriptor.is_choice else getattr(
+        getattr(param, "type", None), "choices", None)
+    choices = [getattr(choice, "value", choice) for choice in listed or ()]
+    shown = f"{name} '{value}'" if value is not None else name
+    if choices:
+        return f"{shown} is not one of the choices; use one of {', '.join(map(str, choices))}"
+    limits = first.get("ctx") or {}
+    low, high = getattr(param.type, "min", None), getattr(param.type, "max", None)  # click's IntRange, FloatRange
+    if kind in _BOUNDS:
+        return f"{shown} is out of range; it must be {_BOUNDS[kind]} {next(iter(limits.values()), '?')}"
+    if "in the range" in message and (low is not None or high is not None):
+        bound = f"at least {low}" if high is None else f"at most {high}" if low is None else f"{low} to {high}"
+        return f"{shown} is out of range; it must be {bound}"
+    if kind in ("int_parsing", "int_from_float", "IntParamType", "IntRange"):
+        return f"{shown} is not a whole number"
+    if kind in ("float_parsing", "float_type", "FloatParamType", "FloatRange"):
+        return f"{shown} is not a number"
+    text = message.removeprefix("Value error, ")
+    return f"{shown}: {text[:1].lower()}{text[1:]}"
 
 
 class Terminated(BaseException):

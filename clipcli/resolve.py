@@ -20,6 +20,25 @@ OPTIONAL_FILES = (*TOKENIZER_FILES, "preprocessor_config.json")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
+# The names open_clip and OpenAI's clip.load give the OpenAI releases, for the Hub ids of the same weights.
+ALIASES = {
+    "ViT-B-32": "openai/clip-vit-base-patch32",
+    "ViT-B-16": "openai/clip-vit-base-patch16",
+    "ViT-L-14": "openai/clip-vit-large-patch14",
+    "ViT-L-14-336": "openai/clip-vit-large-patch14-336",
+}
+
+
+def alias_target(spec: str) -> str | None:
+    """The Hub id an alias stands for (any case; OpenAI's spelling ViT-B/32, ViT-L/14@336px too), else None."""
+    key = spec.strip().lower().replace("/", "-").replace("@336px", "-336")
+    return next((hub_id for alias, hub_id in ALIASES.items() if alias.lower() == key), None)
+
+
+def canonical_name(spec: str) -> str:
+    """The model id to record in outputs: the Hub id for an alias, else `spec` as given."""
+    return alias_target(spec) or spec
+
 
 @dataclass(frozen=True)
 class ModelFiles:
@@ -43,10 +62,14 @@ def resolve(spec: str, offline: bool = False) -> ModelFiles:
         return ModelFiles(spec, None, path)
     if path.exists():
         raise UsageError(f"model '{spec}' is neither a regular file nor a directory")
+    target = alias_target(spec)
+    if target is not None:
+        return ModelFiles(spec, _hub_snapshot(target, offline), None)
     looks_local = spec.startswith((".", "/", "~")) or spec.endswith(CHECKPOINT_SUFFIXES) or spec.count("/") > 1
     if looks_local or not _HUB_ID.fullmatch(spec):
         raise UsageError(f"model '{spec}' not found: no such file or directory; pass a Hugging Face CLIP "
-                         "directory, an OpenAI-format .pt file, or a Hub id such as " + DEFAULT_MODEL)
+                         "directory, an OpenAI-format .pt file, a Hub id such as " + DEFAULT_MODEL
+                         + f" or one of {', '.join(ALIASES)} (`clip models` lists what is cached)")
     return ModelFiles(spec, _hub_snapshot(spec, offline), None)
 
 
@@ -162,3 +185,56 @@ def shard_map(weights: Path) -> dict[str, str]:
                             for n in names):
         raise UsageError(f"{weights}: its weight_map must name shard files beside it; download or copy it again")
     return dict(weight_map)
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """A CLIP checkpoint complete in the local Hugging Face cache: its Hub id, snapshot folder, size on disk and the
+    aliases that name it."""
+
+    repo_id: str
+    snapshot: Path
+    size_bytes: int
+    aliases: tuple[str, ...]
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache folder in use (HF_HUB_CACHE, HF_HOME, or ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_models() -> list[CachedModel]:
+    """The CLIP models (config.json with model_type clip, and a weights file) in the local Hugging Face cache, by
+    id. Reads the cache only; never the network."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.utils import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(hub_cache())
+    except (CacheNotFound, OSError):
+        return []
+    found = []
+    for repo in cache.repos:
+        if repo.repo_type != "model":
+            continue
+        # The newest revision that is a complete CLIP checkpoint.
+        for revision in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            snapshot = Path(revision.snapshot_path)
+            if _is_clip_directory(snapshot):
+                aliases = tuple(alias for alias, hub_id in ALIASES.items() if hub_id == repo.repo_id)
+                found.append(CachedModel(repo.repo_id, snapshot, repo.size_on_disk, aliases))
+                break
+    return sorted(found, key=lambda model: model.repo_id.lower())
+
+
+def _is_clip_directory(directory: Path) -> bool:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    clip = config.get("model_type") == "clip" or "CLIPModel" in (config.get("architectures") or [])
+    return clip and any((directory / name).is_file() for name in WEIGHT_FILES)

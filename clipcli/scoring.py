@@ -37,3 +37,23 @@ def probabilities(image_features: np.ndarray, label_embeddings: np.ndarray, logi
     logits -= logits.max(axis=-1, keepdims=True)
     odds = np.exp(logits)
     return (odds / odds.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+SCORE_KINDS = ("prob", "cosine")  # what a label score is: softmax probability over the labels, or raw cosine
+
+
+def score_range(kind: str) -> tuple[float, float]:
+    """The values a score of `kind` can take: probabilities lie in [0, 1], cosines in [-1, 1]."""
+    return (0.0, 1.0) if kind == "prob" else (-1.0, 1.0)
+
+
+def top_labels(scores: np.ndarray, min_score: float | None = None) -> np.ndarray:
+    """(N, L) label scores -> (N,) int64: each row's best label (the first of equal ones), or -1 where that best
+    score is below `min_score` (the image gets no label)."""
+    if not len(scores):
+        return np.zeros(0, dtype=np.int64)
+    best = scores.argmax(axis=-1).astype(np.int64)
+    if min_score is not None:
+        # Compared as the float64 value of each float32 score: the number printed in json is the number compared.
+        best[scores.max(axis=-1).astype(np.float64) < min_score] = -1
+    return best

@@ -29,10 +29,20 @@ _PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 StateDict = dict[str, torch.Tensor]
+# transformers' names of everything the text tower needs: texts can be embedded without reading the image tower.
+TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale")
 
 
-def read_state_dict(path: Path) -> StateDict:
-    """Read a checkpoint file (safetensors, TorchScript archive, or plain torch state dict) without unpickling code."""
+def is_text_key(name: str) -> bool:
+    """True for a parameter (transformers' name) that text embeddings need."""
+    return name.startswith(TEXT_PREFIXES)
+
+
+def read_state_dict(path: Path, text_only: bool = False) -> StateDict:
+    """Read a checkpoint file (safetensors, TorchScript archive, or plain torch state dict) without unpickling code.
+
+    `text_only`: a safetensors file in transformers' layout is read for the text tower's tensors alone (the image
+    tower is most of a CLIP checkpoint); other files are read whole and the caller ignores the rest."""
     path = Path(path)
     try:
         with open(path, "rb") as file:
@@ -43,9 +53,13 @@ def read_state_dict(path: Path) -> StateDict:
         raise UsageError(f"{path}: empty file, not a checkpoint; check the path or download the file again")
     try:
         if path.suffix == ".safetensors" or head[8:9] == b"{":  # safetensors: u64 header length, then JSON
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            data: object = load_file(str(path))
+            with safe_open(str(path), framework="pt") as tensors:
+                names = list(tensors.keys())
+                if text_only and not any(name.startswith("visual.") for name in names):  # not OpenAI's layout
+                    names = [name for name in names if is_text_key(name)]
+                data: object = {name: tensors.get_tensor(name) for name in names}
         elif head.startswith(b"PK"):  # a zip: TorchScript archive or torch.save's format
             if not zipfile.is_zipfile(path):
                 raise UsageError(f"{path}: truncated or damaged zip archive (no central directory); "
@@ -205,13 +219,19 @@ def hf_to_openai(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def build_model(config: CLIPConfig, state: Mapping[str, torch.Tensor],
-                fix: str = "the checkpoint is incomplete, damaged, or for another architecture") -> CLIPModel:
-    """A float32 CLIPModel with `state` (transformers' names) loaded strictly; errors name keys and both shapes."""
+                fix: str = "the checkpoint is incomplete, damaged, or for another architecture",
+                text_only: bool = False) -> CLIPModel:
+    """A float32 CLIPModel with `state` (transformers' names) loaded strictly; errors name keys and both shapes.
+
+    `text_only`: only the text tower's parameters are loaded and checked; the image tower stays on the meta device
+    (shapes without storage), so the model can encode texts and nothing else."""
+    keep = is_text_key if text_only else lambda name: True
     # float32 first: the loaded tensors become the parameters (assign=True), and checkpoints store fp16 too.
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if k not in DROPPED_HF_KEYS}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+             if k not in DROPPED_HF_KEYS and keep(k)}
     with torch.device("meta"):  # shapes only: no random init that the weights would overwrite at once
         model = CLIPModel(config)
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if keep(k)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -225,7 +245,7 @@ def build_model(config: CLIPConfig, state: Mapping[str, torch.Tensor],
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise UsageError(f"checkpoint tensor '{key}' has shape {tuple(state[key].shape)}, the config implies "
                              f"{tuple(tensor.shape)}; {fix}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=not text_only, assign=True)
     return model.eval().requires_grad_(False)
 
 

@@ -98,11 +98,12 @@ def interrupt(args: list[object], signum: int, started: Callable[[int], bool], t
 
 def reading_images_in(folder: Path, output: Path | None = None) -> Callable[[int], bool]:
     """started() for interrupt(): true once the process has a file under `folder` open (it is decoding images),
-    or, given `output`, once a temp file of rows has appeared beside it (embed streams rows there as it goes)."""
+    or, given `output`, once a temp file has appeared beside it (embed streams rows to a .rows file, classify to
+    a .part file, from the first image on)."""
     prefix = str(folder.resolve()) + os.sep
 
     def started(pid: int) -> bool:
-        if output is not None and any(output.parent.glob(f".{output.name}.*.rows")):
+        if output is not None and any(any(output.parent.glob(f".{output.name}.*.{kind}")) for kind in ("rows", "part")):
             return True
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -211,9 +212,11 @@ def parse(fmt: str, text: str, labels: list[str]) -> list[dict]:
         return rows
     reader = csv.reader(io.StringIO(text))
     header = next(reader)
-    assert header == ["path", "label", "score", *labels]
+    assert header == ["path", "label", "score", *labels, "error"]  # the error column is empty for images read
+    rows = list(reader)
+    assert all(row[-1] == "" for row in rows)
     return [{"path": row[0], "label": row[1], "score": float(row[2]),
-             "scores": {label: float(v) for label, v in zip(labels, row[3:], strict=True)}} for row in reader]
+             "scores": {label: float(v) for label, v in zip(labels, row[3:-1], strict=True)}} for row in rows]
 
 
 @pytest.mark.parametrize("fmt", ["table", "csv", "json", "jsonl"])
@@ -315,9 +318,9 @@ def test_output_file(tiny_model_dir, in_images_parent, reference, tmp_path):
 
     target.write_text("old\n")
     target.chmod(0o640)
-    again = invoke("classify", in_images_parent, "-l", "cat,dog", "-f", "jsonl", "-o", target, "-m", tiny_model_dir)
+    again = invoke("classify", in_images_parent, "-l", "cat,dog", "-o", target, "-m", tiny_model_dir)
     assert again.exit_code == 0 and again.stdout == "" and again.stderr == ""
-    assert len(target.read_text().splitlines()) == 4
+    assert len(target.read_text().splitlines()) == 5  # csv, from the name: the header and a row per image
     assert target.stat().st_mode & 0o777 == 0o640  # replacing a file keeps its permissions
 
 
@@ -345,11 +348,14 @@ def test_output_through_a_link_or_into_a_pipe(tiny_model_dir, in_images_parent, 
                 os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
-    assert received[0].decode().splitlines()[0] == "path,label,score,cat,dog" and len(received[0].splitlines()) == 5
+    assert received[0].decode().splitlines()[0] == "path,label,score,cat,dog,error"
+    assert len(received[0].splitlines()) == 5
     # embed needs real files for the .npy and its sidecar: a pipe is refused before any work.
-    assert_usage_error(invoke("embed", in_images_parent, "-o", fifo, "-m", tiny_model_dir), str(fifo),
+    npy_fifo = tmp_path / "pipe.npy"
+    os.mkfifo(npy_fifo)
+    assert_usage_error(invoke("embed", in_images_parent, "-o", npy_fifo, "-m", tiny_model_dir), str(npy_fifo),
                        "not a regular file")
-    assert sorted(os.listdir(tmp_path)) == ["fifo", "link.jsonl", "real.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "link.jsonl", "pipe.npy", "real.jsonl"]
 
 
 def test_labels_file(tiny_model_dir, in_images_parent, tmp_path):
@@ -367,7 +373,7 @@ def classify_csv(*args: object, input: bytes | None = None) -> list[dict]:
     result = invoke("classify", *args, "-f", "csv", input=input)
     assert result.exit_code == 0 and result.stderr == "", (result.stderr, result.exception)
     header = next(csv.reader(io.StringIO(result.stdout)))
-    return parse("csv", result.stdout, header[3:])
+    return parse("csv", result.stdout, header[3:-1])
 
 
 def test_labels_file_with_byte_order_mark_and_crlf(tiny_model_dir, in_images_parent, tmp_path):
@@ -409,6 +415,7 @@ USAGE_ERRORS = {
     "template-without-braces": (["{images}", "-l", "cat", "-t", "a photo"], ["'a photo'", "{}"]),
     "unknown-template-set": (["{images}", "-l", "cat", "--templates", "nope"], ["'nope'", "imagenet"]),
     "missing-path": (["{images}/nope.jpg", "-l", "cat"], ["nope.jpg", "does not exist"]),
+    "no-paths": (["-l", "cat"], ["no images given", "--files-from"]),
     "unknown-model-path": (["{images}", "-l", "cat", "-m", "{tmp}/no-such-model"], ["no-such-model", "not found"]),
     "non-utf8-label": (["{images}", "-l", "caf\udce9,dog"], ["caf\\xe9", "UTF-8"]),
     "unknown-device": (["{images}", "-l", "cat", "--device", "tpu"], ["'tpu'", "cpu"]),
@@ -465,7 +472,6 @@ def test_bad_format_is_a_plain_usage_error(tiny_model_dir, image_folder):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["classify", "-l", "cat"], ["Missing argument 'PATH'", "clip classify --help"]),
     (["classify", "{images}", "-l", "cat", "--bogus"], ["No such option: --bogus"]),
     (["classify", "{images}", "-l", "cat", "--batch-size", "0"], ["--batch-size"]),
     (["classify", "{images}", "-l", "cat", "--workers", "0"], ["--workers"]),
@@ -578,6 +584,16 @@ def load_embeddings(npy: Path) -> tuple[np.ndarray, list[str]]:
     return rows, names.splitlines()
 
 
+def assert_wrote(result, npy: Path, rows: int, dims: int = 16) -> None:
+    """Exit 0, nothing on stdout, and stderr exactly the one line saying what was written (rows x dims, files)."""
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stdout == ""
+    stem = npy.name[:-4]
+    assert result.stderr.splitlines() == [
+        f"wrote {rows} x {dims} embeddings to {npy} (names in {npy.with_name(stem + '.paths.txt')}, model details "
+        f"in {npy.with_name(stem + '.meta.json')})"]
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
@@ -585,21 +601,20 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_embed_images_match_reference(tiny_model_dir, in_images_parent, reference, tmp_path):
     npy = tmp_path / "emb.npy"
     result = invoke("embed", in_images_parent, "-o", npy, "-m", tiny_model_dir)
-    assert result.exit_code == 0, (result.stderr, result.exception)
-    assert result.stdout == "" and result.stderr == ""
+    assert_wrote(result, npy, 4)
     rows, names = load_embeddings(npy)
     assert names == expected_paths(in_images_parent)  # line i names row i, sorted paths
     assert rows.dtype == np.float32 and rows.shape == (4, 16)
     want = reference.image_features(names)
     assert cosines(rows, want).min() >= 0.99999
     np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1, atol=1e-5)
-    assert sorted(os.listdir(tmp_path)) == ["emb.npy", "emb.paths.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["emb.meta.json", "emb.npy", "emb.paths.txt"]
 
 
 def test_embed_no_normalize_is_raw_features(tiny_model_dir, in_images_parent, reference, tmp_path):
     npy = tmp_path / "raw.npy"
     result = invoke("embed", in_images_parent, "-o", npy, "--no-normalize", "-m", tiny_model_dir)
-    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
+    assert_wrote(result, npy, 4)
     rows, names = load_embeddings(npy)
     want = reference.image_features(names)
     np.testing.assert_allclose(rows, want, atol=1e-4, rtol=1e-4)
@@ -612,8 +627,7 @@ def test_embed_texts_match_reference(tiny_model_dir, reference, tmp_path):
     npy = tmp_path / "text.npy"
     result = invoke("embed", "--text", "a red car", "--text", "two\nlines", "--text-file", text_file, "-o", npy,
                     "-m", tiny_model_dir)
-    assert result.exit_code == 0, (result.stderr, result.exception)
-    assert result.stdout == "" and result.stderr == ""
+    assert_wrote(result, npy, 4)
     rows, names = load_embeddings(npy)
     texts = ["a red car", "two\nlines", "a photo of a cat", "a dog"]  # --text first, then the file's lines, stripped
     assert names == [t.replace("\n", "\\n") for t in texts]  # a line break inside a text is written as \n
@@ -654,11 +668,11 @@ def test_csv_column_names_are_fine_as_labels_in_other_formats(tiny_model_dir, in
 
 def test_sidecar_name_and_an_unusable_sidecar_path(tiny_model_dir, image_folder, tmp_path):
     assert invoke("embed", image_folder, "-o", tmp_path / "up.NPY", "-m", tiny_model_dir).exit_code == 0
-    assert sorted(os.listdir(tmp_path)) == ["up.NPY", "up.paths.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["up.NPY", "up.meta.json", "up.paths.txt"]
     (tmp_path / "sc.paths.txt").mkdir()
     assert_usage_error(invoke("embed", image_folder, "-o", tmp_path / "sc.npy", "-m", tiny_model_dir),
                        "sc.paths.txt", "is a directory")
-    assert sorted(os.listdir(tmp_path)) == ["sc.paths.txt", "up.NPY", "up.paths.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["sc.paths.txt", "up.NPY", "up.meta.json", "up.paths.txt"]
 
 
 def test_text_file_with_byte_order_mark_embeds_like_plain_text(tiny_model_dir, tmp_path):
@@ -717,6 +731,9 @@ def test_installed_clip_runs_and_reports_failures(tiny_model_dir, image_folder, 
     assert proc.stderr.decode().splitlines() == [f"{broken}: not an image file",
                                                  "1 input(s) failed; the others were processed"]
     rows = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)  # one path order, failures included
+    assert [r for r in rows if "error" in r] == [{"path": str(broken), "error": "not an image file"}]
+    rows = [r for r in rows if "error" not in r]
     paths = expected_paths(str(image_folder))
     assert [r["path"] for r in rows] == paths
     got = np.array([[r["scores"]["cat"], r["scores"]["dog"]] for r in rows])
@@ -737,7 +754,7 @@ def test_output_to_dev_stdout_redirected_to_a_file(tiny_model_dir, image_folder,
     assert proc.returncode == 0 and proc.stderr == b""
     assert redirected.stat().st_ino == inode
     lines = redirected.read_text().splitlines()
-    assert lines[:2] == ["earlier output", "path,label,score,cat,dog"] and len(lines) == 6
+    assert lines[:2] == ["earlier output", "path,label,score,cat,dog,error"] and len(lines) == 6
     assert sorted(os.listdir(tmp_path)) == ["stdout.txt"]
 
 
@@ -811,10 +828,10 @@ def test_output_that_is_an_input_image_is_refused(tiny_model_dir, image_folder, 
     assert_usage_error(result, "a.jpg", "one of the input images", "--output")
     result = invoke("embed", target, "-o", tmp_path / "b.npy", "-m", tiny_model_dir)
     assert result.exit_code == 0  # a different output is fine
-    linked = tmp_path / "link.jpg"
+    linked = tmp_path / "link.npy"
     linked.symlink_to(target)  # the same file under another name
     result = invoke("embed", tmp_path, "-o", linked, "-m", tiny_model_dir)
-    assert_usage_error(result, "link.jpg", "one of the input images")
+    assert_usage_error(result, "link.npy", "one of the input images")
     assert target.read_bytes() == before and linked.is_symlink()
 
 
@@ -861,6 +878,7 @@ def test_embed_warns_once_per_truncated_text(tmp_path, tiny_model_dir):
                                       "-m", str(tiny_model_dir)])
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: text 'word word") and "truncated" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("warning: text 'word word") and "truncated" in lines[0]
+    assert lines[1].startswith(f"wrote 2 x 16 embeddings to {out_path}")
     assert np.load(out_path).shape == (2, 16)
     assert (tmp_path / "t.paths.txt").read_text().splitlines() == ["a cat", long_text]

@@ -57,6 +57,16 @@ def in_sidecar(path: str) -> str:
     return path.replace("\r", "\\r").replace("\n", "\\n").replace("\u2028", "\\u2028")
 
 
+def split_rows(stdout: str) -> tuple[list[dict], dict[str, str]]:
+    """jsonl output -> (the rows of images read, {path: error} of the failure rows); every row in one sorted path
+    order, failures between the others (paths as shown compare like the names they escape here)."""
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    failed = {r["path"]: r["error"] for r in rows if "error" in r}
+    assert all(set(r) == {"path", "error"} for r in rows if "error" in r), rows
+    assert len(failed) == sum("error" in r for r in rows)
+    return [r for r in rows if "error" not in r], failed
+
+
 def stderr_failures(stderr: str, expected: list[str]) -> dict[str, str]:
     """Check stderr is one `path: reason` line per expected (shown) path, then the summary; {path: reason}."""
     lines = stderr.splitlines()
@@ -174,9 +184,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 def test_classify_corpus_as_a_real_process(tiny_model_dir, corpus):
     proc = run_clip("classify", corpus.root, "-l", "cat,dog", "-f", "jsonl", "-m", tiny_model_dir)
     assert proc.returncode == 1, proc.stderr
-    corpus.check_failures(proc.stderr.decode("utf-8"))
-    rows = [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()]
+    stderr = proc.stderr.decode("utf-8")
+    corpus.check_failures(stderr)
+    all_rows = [json.loads(line)["path"] for line in proc.stdout.decode("utf-8").splitlines()]
+    assert all_rows == [in_json(p) for p in sorted([*corpus.good, *corpus.bad])]  # every input has a row, sorted
+    rows, failed = split_rows(proc.stdout.decode("utf-8"))
     assert [r["path"] for r in rows] == [in_json(p) for p in corpus.good]  # every good image, sorted
+    # A failure row carries the reason stderr gives.
+    assert {shown(p): failed[in_json(p)] for p in corpus.bad} == stderr_failures(stderr, [shown(p) for p in corpus.bad])
     for r in rows:
         assert set(r["scores"]) == {"cat", "dog"} and sum(r["scores"].values()) == pytest.approx(1, abs=1e-5)
 
@@ -186,13 +201,15 @@ def test_embed_corpus(tiny_model_dir, corpus, tmp_path):
     result = invoke("embed", corpus.root, "-o", npy, "-m", tiny_model_dir)
     assert result.exit_code == 1, (result.stderr, result.exception)
     assert result.stdout == ""
-    corpus.check_failures(result.stderr)
+    wrote, *failures = result.stderr.splitlines(keepends=True)
+    assert wrote.startswith(f"wrote {len(corpus.good)} x 16 embeddings to {npy} ")  # first, then the failures
+    corpus.check_failures("".join(failures))
     rows = np.load(npy)
     names = (tmp_path / "emb.paths.txt").read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     assert names == [in_sidecar(p) for p in corpus.good]  # one line per row, non-UTF-8 bytes kept
     assert rows.shape == (len(corpus.good), 16) and np.isfinite(rows).all()
     np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1, atol=1e-5)
-    assert sorted(os.listdir(tmp_path)) == ["emb.npy", "emb.paths.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["emb.meta.json", "emb.npy", "emb.paths.txt"]
 
 
 def test_classify_corpus_table_and_csv(tiny_model_dir, corpus):
@@ -202,8 +219,11 @@ def test_classify_corpus_table_and_csv(tiny_model_dir, corpus):
         corpus.check_failures(result.stderr)
         if fmt == "csv":
             rows = list(csv.reader(io.StringIO(result.stdout)))
-            assert rows[0] == ["path", "label", "score", "cat", "dog"]
-            assert [row[0] for row in rows[1:]] == [in_json(p) for p in corpus.good]
+            assert rows[0] == ["path", "label", "score", "cat", "dog", "error"]
+            assert [row[0] for row in rows[1:]] == [in_json(p) for p in sorted([*corpus.good, *corpus.bad])]
+            assert [row[0] for row in rows[1:] if row[-1] == ""] == [in_json(p) for p in corpus.good]
+            for row in rows[1:]:  # a failure has only its path and reason; an image read has no error
+                assert (row[1:-1] == ["", "", "", ""]) == (row[-1] != "")
         else:
             assert result.stdout.count("%") == 2 * len(corpus.good)  # two labels shown for each good image
 
@@ -215,8 +235,9 @@ def test_bad_files_named_explicitly(tiny_model_dir, corpus):
                     "-m", tiny_model_dir)
     assert result.exit_code == 1, (result.stderr, result.exception)
     assert stderr_failures(result.stderr, [str(text_as_png)]) == {str(text_as_png): "not an image file"}
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    rows, failed = split_rows(result.stdout)
     assert [r["path"] for r in rows] == [str(png_as_jpg), str(corpus.root / "x.jpg" / "inner.png")]
+    assert failed == {str(text_as_png): "not an image file"}
 
 
 def test_unreadable_file(tiny_model_dir, tmp_path, monkeypatch):
@@ -238,7 +259,9 @@ def test_unreadable_file(tiny_model_dir, tmp_path, monkeypatch):
     result = invoke("classify", tmp_path, "-l", "cat,dog", "-f", "jsonl", "-m", tiny_model_dir)
     assert result.exit_code == 1, (result.stderr, result.exception)
     assert stderr_failures(result.stderr, [str(locked)]) == {str(locked): "permission denied"}
-    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [str(good)]
+    second = json.loads(result.stdout.splitlines()[1])
+    assert second == {"path": str(locked), "error": "permission denied"}
+    assert [r["path"] for r in split_rows(result.stdout)[0]] == [str(good)]
 
 
 def test_tree_deeper_than_the_recursion_limit(tiny_model_dir, tmp_path):
@@ -282,7 +305,10 @@ def test_unreadable_folder_is_named(tiny_model_dir, tmp_path, monkeypatch):
         closed.chmod(0o755)
     assert result.exit_code == 1, (result.stderr, result.exception)
     assert stderr_failures(result.stderr, [str(closed)]) == {str(closed): "permission denied"}
-    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [str(tmp_path / "ok.png")]
+    # The folder the walk could not list has its row too, in path order.
+    first = json.loads(result.stdout.splitlines()[0])
+    assert first == {"path": str(closed), "error": "permission denied"}
+    assert [r["path"] for r in split_rows(result.stdout)[0]] == [str(tmp_path / "ok.png")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,13 +343,14 @@ def test_random_bytes_as_an_image(loaded_once, tmp_path_factory, data, ext):
     odd.write_bytes(data)
     result = invoke("classify", folder, "-l", "cat,dog", "-f", "jsonl", "-m", loaded_once)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    paths = [json.loads(line)["path"] for line in result.stdout.splitlines()]
+    rows, failed = split_rows(result.stdout)
+    paths = [r["path"] for r in rows]
     if result.exit_code == 0:
         assert result.stderr == ""
-        assert paths == [str(good), str(odd)]
+        assert paths == [str(good), str(odd)] and failed == {}
     else:
         assert result.exit_code == 1, result.stderr
-        stderr_failures(result.stderr, [str(odd)])
+        assert failed == stderr_failures(result.stderr, [str(odd)])  # the row's reason is stderr's
         assert paths == [str(good)]
 
 
@@ -345,7 +372,10 @@ def test_random_label_lists(loaded_once, image_folder, items):
         assert_usage_error(result, "twice")
     else:
         assert result.exit_code == 0, (result.stderr, result.exception)
-        assert result.stderr == ""
+        if len(labels) == 1:  # with one label every image scores 100%: said in one warning line
+            assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("warning: "), result.stderr
+        else:
+            assert result.stderr == ""
         (row,) = [json.loads(line) for line in result.stdout.splitlines()]
         assert list(row["scores"]) == labels  # as given, stripped, in order
         assert row["label"] in labels and sum(row["scores"].values()) == pytest.approx(1, abs=1e-5)
@@ -466,7 +496,8 @@ def test_interrupted_classify_writes_nothing(tiny_model_dir, many_images, tmp_pa
     if old_output:
         out.write_text("old results\n")
     proc = interrupt(["classify", many_images, "-l", "cat,dog", "-f", "jsonl", "-o", out, "--batch-size", "1",
-                      "--workers", "1", "--no-index", "-m", tiny_model_dir], signum, reading_images_in(many_images))
+                      "--workers", "1", "--no-index", "-m", tiny_model_dir], signum,
+                     reading_images_in(many_images, out))
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == b""
     word = "interrupted" if signum == signal.SIGINT else "terminated"

@@ -32,7 +32,7 @@ LABELS = "cat,dog,red car"
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Images and texts that went through the model in this test (in-process runs)."""
-    counts = {"images": 0, "texts": 0, "loads": 0}
+    counts = {"images": 0, "texts": 0, "loads": 0, "text-only loads": 0}
     image_features, text_features, load_files = loader.Clip.image_features, loader.Clip.text_features, loader.load_files
 
     def count_images(self, pixels):
@@ -44,7 +44,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         return text_features(self, texts, batch_size)
 
     def count_loads(*args, **kwargs):
-        counts["loads"] += 1
+        counts["text-only loads" if kwargs.get("text_only") else "loads"] += 1
         return load_files(*args, **kwargs)
 
     monkeypatch.setattr(loader.Clip, "image_features", count_images)
@@ -127,9 +127,22 @@ def test_a_warm_run_needs_no_model_and_reads_no_image(tiny_model_dir, folder, tm
     reads: list[str] = []
     real = pipeline.read_image_file
     monkeypatch.setattr(pipeline, "read_image_file", lambda path: reads.append(path) or real(path))
-    loads = calls["loads"]
+    before = dict(calls)
     assert classify(tiny_model_dir, folder, index) == first
-    assert reads == [] and calls["loads"] == loads  # stat memo + stored features and prompts: no model, no bytes
+    assert reads == [] and calls == before  # stat memo + stored features and prompts: no model, no bytes
+
+
+def test_the_text_tower_alone_gives_the_same_text_features(tiny_model_dir):
+    from clipcli.resolve import resolve
+
+    files = resolve(str(tiny_model_dir))
+    full, text = loader.load_files(files, device="cpu"), loader.load_files(files, device="cpu", text_only=True)
+    texts = ["a photo of a cat.", "two dogs on a sofa", ""]
+    np.testing.assert_array_equal(text.text_features(texts), full.text_features(texts))
+    assert text.logit_scale == full.logit_scale and text.text_only
+    assert all(p.is_meta for name, p in text.model.named_parameters() if name.startswith("vision_model."))
+    with pytest.raises(loader.UsageError, match="texts only"):
+        text.image_features([np.zeros((3, 32, 32), dtype=np.float32)])
 
 
 def test_a_warm_run_imports_no_torch(tiny_model_dir, folder, tmp_path):
@@ -145,12 +158,14 @@ def test_a_warm_run_imports_no_torch(tiny_model_dir, folder, tmp_path):
 def test_prompts_are_cached_and_new_labels_cost_only_their_text(tiny_model_dir, folder, tmp_path, calls):
     index = tmp_path / "index.db"
     classify(tiny_model_dir, folder, index, "-t", "a photo of a {}.", "-t", "a {}")
-    assert calls == {"images": 6, "texts": 6, "loads": 1}
+    # The prompts first, with the text tower alone; then images to compute: the whole model.
+    assert calls == {"images": 6, "texts": 6, "loads": 1, "text-only loads": 1}
     classify(tiny_model_dir, folder, index, "-t", "a photo of a {}.", "-t", "a {}")
-    assert calls == {"images": 6, "texts": 6, "loads": 1}
+    assert calls == {"images": 6, "texts": 6, "loads": 1, "text-only loads": 1}
     got = scores(run("classify", folder, "-l", LABELS + ",rocket", "-f", "jsonl", "-m", tiny_model_dir,
                      "-t", "a photo of a {}.", "-t", "a {}", index=index))
-    assert calls == {"images": 6, "texts": 8, "loads": 2}  # only rocket's two prompts, no image
+    # Only rocket's two prompts, by the text tower alone; no image.
+    assert calls == {"images": 6, "texts": 8, "loads": 1, "text-only loads": 2}
     expected = scores(run("classify", folder, "-l", LABELS + ",rocket", "-f", "jsonl", "-m", tiny_model_dir,
                           "-t", "a photo of a {}.", "-t", "a {}", index=None))
     assert_close(got, expected)

@@ -200,9 +200,17 @@ def test_unreadable_images_are_reported_and_the_others_ranked(tiny_model_dir, kn
     (folder / "empty.png").write_bytes(b"")
     result = run("search", "--image", folder / "orig.png", folder, "-m", tiny_model_dir, "-f", "jsonl", "-k", 20,
                  expect=1)
-    assert sorted(row["path"] for row in rows(result)) == sorted(str(folder / n) for n in COPIES + OTHERS)
+    hits = [row for row in rows(result) if "error" not in row]
+    assert sorted(row["path"] for row in hits) == sorted(str(folder / n) for n in COPIES + OTHERS)
+    broken = [str(folder / "broken.jpg"), str(folder / "empty.png")]
+    # The failures also as rows after the ranking (cli-contract: every input has a row), and on stderr.
+    assert [(row["path"], set(row)) for row in rows(result)[len(hits):]] == [(p, {"path", "error"}) for p in broken]
     errors = [line for line in result.stderr.splitlines() if line.startswith(str(folder))]
-    assert [line.split(":")[0] for line in errors] == [str(folder / "broken.jpg"), str(folder / "empty.png")]
+    assert [line.split(":")[0] for line in errors] == broken
+    lines = run("search", "--image", folder / "orig.png", folder, "-m", tiny_model_dir, "-f", "csv", "-k", 2,
+                expect=1).stdout.splitlines()
+    assert lines[0] == "path,score,error" and [line.split(",")[0] for line in lines[3:]] == broken
+    assert all(line.split(",")[1] == "" and line.split(",")[2] for line in lines[3:])
     result = run("duplicates", folder, "--threshold", 0.99, "-m", tiny_model_dir, "-f", "jsonl", expect=1)
     assert [group["paths"] for group in rows(result)] == [[str(folder / n) for n in COPIES]]
 
@@ -210,7 +218,7 @@ def test_unreadable_images_are_reported_and_the_others_ranked(tiny_model_dir, kn
 def test_an_empty_folder_gives_empty_results(tiny_model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     for command in (["search", "a cat"], ["duplicates"]):
-        expected = {"jsonl": "", "json": "[]\n", "csv": "path,score\n" if command[0] == "search" else
+        expected = {"jsonl": "", "json": "[]\n", "csv": "path,score,error\n" if command[0] == "search" else
                     "group,size,min_score,path\n"}
         for fmt, text in expected.items():
             result = run(*command, tmp_path / "empty", "-f", fmt, "-m", tiny_model_dir)
@@ -223,15 +231,18 @@ def test_search_formats_and_output_file(tiny_model_dir, known, tmp_path):
     jsonl = rows(run(*base, "-f", "jsonl"))
     assert json.loads(run(*base, "-f", "json").stdout) == jsonl
     lines = run(*base, "-f", "csv").stdout.splitlines()
-    assert lines[0] == "path,score" and [line.rsplit(",", 1)[0] for line in lines[1:]] == [r["path"] for r in jsonl]
-    assert [float(line.rsplit(",", 1)[1]) for line in lines[1:]] == pytest.approx([r["score"] for r in jsonl],
-                                                                                 abs=1e-5)
+    assert lines[0] == "path,score,error" and [line.split(",")[0] for line in lines[1:]] == [r["path"] for r in jsonl]
+    assert [float(line.split(",")[1]) for line in lines[1:]] == pytest.approx([r["score"] for r in jsonl], abs=1e-5)
     table = run(*base).stdout.splitlines()
     assert table[0].split() == ["rank", "score", "path"] and len(table) == 5
     for rank, (line, row) in enumerate(zip(table[1:], jsonl, strict=True), 1):
         assert line.split() == [str(rank), f"{row['score']:.4f}", row["path"]]
     result = run(*base, "-f", "json", "-o", tmp_path / "hits.json")
     assert result.stdout == "" and json.loads((tmp_path / "hits.json").read_text()) == jsonl
+    run(*base, "-o", tmp_path / "hits.jsonl")  # the extension picks the format
+    assert [json.loads(line) for line in (tmp_path / "hits.jsonl").read_text().splitlines()] == jsonl
+    run("duplicates", known, "-m", tiny_model_dir, "-o", tmp_path / "groups.csv")
+    assert (tmp_path / "groups.csv").read_text().startswith("group,size,min_score,path\n1,")
 
 
 def test_search_usage_errors(tiny_model_dir, known):
@@ -321,10 +332,20 @@ def test_duplicates_csv_and_table_have_one_line_per_image(tiny_model_dir, known)
     assert f"{len(groups)} group(s) of near-duplicates" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["search", "duplicates"])
+def test_help_names_values_not_python_types(command):
+    text = run(command, "--help").stdout
+    for python_type in ("<list[", "<str>", "<int", "<path>", "<float", "<bool"):
+        assert python_type not in text, (python_type, text)
+    for shown in ("[auto|fp32|fp16|bf16]", "[table|csv|json|jsonl]", "--files-from FILE", "--exclude GLOB", "PATH"):
+        assert shown in text, shown
+
+
 def test_duplicates_usage_errors(tiny_model_dir, known):
     for value in ("1.5", "-2", "high"):
         assert_usage_error(invoke("duplicates", known, "--threshold", value, "-m", tiny_model_dir), "--threshold")
-    assert_usage_error(invoke("duplicates", "-m", tiny_model_dir), "PATH")
+    assert_usage_error(invoke("duplicates", "-m", tiny_model_dir), "no images given")
+    assert_usage_error(invoke("duplicates", known, "-o", "groups.html", "-m", tiny_model_dir), "no HTML report")
 
 
 # ---------------------------------------------------------------------------------------------------------------

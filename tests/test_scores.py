@@ -1,0 +1,229 @@
+"""`clip classify --score prob|cosine` and `--min-score` against cli-contract.md ("`clip classify` scores"): cosines
+and probabilities checked against transformers' CLIPModel on the same tiny checkpoint, in every output format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clipcli import pipeline, scoring
+from clipcli.errors import UsageError
+from tests.conftest import assert_usage_error
+from tests.test_cli import (
+    LABELS,
+    PROB_ATOL,
+    TWO_TEMPLATES,
+    Reference,
+    assert_click_usage_error,
+    expected_paths,
+    invoke,
+    parse,
+    unit,
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> Reference:
+    return Reference(tiny_model_dir)
+
+
+@pytest.fixture()
+def in_images_parent(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.chdir(image_folder.parent)
+    return image_folder.name
+
+
+@torch.no_grad()
+def reference_cosines(reference: Reference, paths: list[str], labels: list[str],
+                      templates: list[str] = ("a photo of a {}.",)) -> np.ndarray:
+    """(N, L) cosines: with one template CLIPModel's logits_per_image / logit_scale.exp(); several are ensembled."""
+    if len(templates) == 1:
+        prompts = [templates[0].replace("{}", label) for label in labels]
+        out = reference.model(pixel_values=reference.pixels(paths), **reference.texts(prompts))
+        return (out.logits_per_image / reference.model.logit_scale.exp()).numpy()
+    prompts = [t.replace("{}", label) for label in labels for t in templates]
+    text = unit(torch.from_numpy(reference.text_features(prompts))).reshape(len(labels), len(templates), -1)
+    text = unit(text.mean(dim=1))
+    return (unit(torch.from_numpy(reference.image_features(paths))) @ text.T).numpy()
+
+
+def rows_of(fmt: str, stdout: str, labels: list[str]) -> list[dict]:
+    """csv/json/jsonl rows; csv's empty label read as None, like json's null."""
+    rows = parse(fmt, stdout, labels)
+    if fmt == "csv":
+        for row, raw in zip(rows, list(csv.reader(io.StringIO(stdout)))[1:], strict=True):
+            row["label"] = raw[1] or None
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl"])
+def test_cosine_scores_match_transformers(tiny_model_dir, in_images_parent, reference, fmt):
+    result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "--score", "cosine", "-f", fmt,
+                    "-m", tiny_model_dir)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stderr == ""
+    paths = expected_paths(in_images_parent)
+    want = reference_cosines(reference, paths, LABELS)
+    rows = rows_of(fmt, result.stdout, LABELS)
+    assert [r["path"] for r in rows] == paths
+    got = np.array([[r["scores"][label] for label in LABELS] for r in rows])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert [r["label"] for r in rows] == [LABELS[i] for i in want.argmax(-1)]
+    np.testing.assert_allclose([r["score"] for r in rows], want.max(-1), atol=1e-5, rtol=0)
+    # Cosines are not probabilities: each label is scored on its own, so rows need not sum to 1.
+    assert not np.allclose(got.sum(-1), 1, atol=1e-2)
+
+
+def test_cosine_scores_with_a_template_ensemble(tiny_model_dir, in_images_parent, reference):
+    args = [a for t in TWO_TEMPLATES for a in ("-t", t)]
+    result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), *args, "--score", "cosine", "-f", "jsonl",
+                    "-m", tiny_model_dir)
+    assert result.exit_code == 0 and result.stderr == "", (result.stderr, result.exception)
+    paths = expected_paths(in_images_parent)
+    got = np.array([[r["scores"][label] for label in LABELS] for r in rows_of("jsonl", result.stdout, LABELS)])
+    np.testing.assert_allclose(got, reference_cosines(reference, paths, LABELS, TWO_TEMPLATES), atol=1e-5, rtol=0)
+
+
+def test_score_prob_is_the_default(tiny_model_dir, in_images_parent, reference):
+    args = ("classify", in_images_parent, "-l", ",".join(LABELS), "-f", "jsonl", "-m", tiny_model_dir)
+    default, explicit = invoke(*args), invoke(*args, "--score", "prob")
+    assert default.exit_code == explicit.exit_code == 0
+    assert default.stdout == explicit.stdout
+    got = np.array([[r["scores"][label] for label in LABELS] for r in rows_of("jsonl", default.stdout, LABELS)])
+    np.testing.assert_allclose(got, reference.probs(expected_paths(in_images_parent), LABELS), atol=PROB_ATOL, rtol=0)
+
+
+def threshold_between(top: np.ndarray) -> float:
+    """A threshold with some images above and some below it (top scores sorted, the middle gap)."""
+    ordered = np.sort(top)
+    middle = len(ordered) // 2
+    assert ordered[middle - 1] < ordered[middle], "the test images need distinct top scores"
+    return float((ordered[middle - 1] + ordered[middle]) / 2)
+
+
+@pytest.mark.parametrize("score", ["prob", "cosine"])
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "jsonl"])
+def test_min_score_leaves_low_images_without_a_label(tiny_model_dir, in_images_parent, reference, score, fmt):
+    paths = expected_paths(in_images_parent)
+    want = (reference.probs(paths, LABELS) if score == "prob" else reference_cosines(reference, paths, LABELS))
+    cut = threshold_between(want.max(-1))
+    below = want.max(-1) < cut
+    assert below.any() and not below.all()
+    result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "--score", score, "--min-score", cut,
+                    "-f", fmt, "-m", tiny_model_dir)
+    assert result.exit_code == 0 and result.stderr == "", (result.stderr, result.exception)
+    if fmt == "table":
+        for path, row, low in zip(paths, want, below, strict=True):
+            (line,) = [line for line in result.stdout.splitlines() if path in line]
+            cells = re.split(r" {2,}", line.strip())  # columns are two or more spaces apart
+            top = LABELS[int(row.argmax())]
+            if low:
+                assert cells[1] == "-", line
+            else:
+                shown = f"{100 * row.max():.1f}%" if score == "prob" else f"{row.max():.3f}"
+                assert cells[1].startswith(top + " "), line
+                assert abs(float(cells[1].split()[-1].rstrip("%")) - float(shown.rstrip("%"))) <= 0.0011 * (
+                    100 if score == "prob" else 1), (cells[1], shown)
+        return
+    rows = rows_of(fmt, result.stdout, LABELS)
+    if fmt in ("json", "jsonl"):
+        assert all("label" in r for r in rows)  # present, as null, when there is none
+    for r, row, low in zip(rows, want, below, strict=True):
+        assert r["label"] == (None if low else LABELS[int(row.argmax())])
+        # Scores are still given in full for an image without a label; its score is its top score.
+        got = np.array([r["scores"][label] for label in LABELS])
+        np.testing.assert_allclose(got, row, atol=PROB_ATOL if score == "prob" else 1e-5, rtol=0)
+        assert r["score"] == pytest.approx(row.max(), abs=PROB_ATOL)
+
+
+def test_min_score_edge_is_inclusive(tiny_model_dir, in_images_parent):
+    # An image whose top score equals the threshold keeps its label: only scores below it lose theirs.
+    result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "-f", "jsonl", "-m", tiny_model_dir)
+    rows = rows_of("jsonl", result.stdout, LABELS)
+    lowest = min(rows, key=lambda r: r["score"])
+    again = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "-f", "jsonl", "--min-score",
+                   repr(lowest["score"]), "-m", tiny_model_dir)
+    assert again.exit_code == 0
+    assert [r["label"] for r in rows_of("jsonl", again.stdout, LABELS)] == [r["label"] for r in rows]
+    bounds = invoke("classify", in_images_parent, "-l", ",".join(LABELS), "-f", "jsonl", "--min-score", "1",
+                    "-m", tiny_model_dir)
+    assert [r["label"] for r in rows_of("jsonl", bounds.stdout, LABELS)] == [None] * len(rows)
+
+
+def test_one_label_with_prob_warns(tiny_model_dir, in_images_parent):
+    result = invoke("classify", in_images_parent, "-l", "cat", "-f", "jsonl", "-m", tiny_model_dir)
+    assert result.exit_code == 0
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("warning: ") and "100%" in line and "--score cosine" in line
+    assert all(r["score"] == 1 for r in rows_of("jsonl", result.stdout, ["cat"]))
+    explicit = invoke("classify", in_images_parent, "-l", "cat", "--score", "prob", "-f", "jsonl",
+                      "-m", tiny_model_dir)
+    assert explicit.stderr == result.stderr
+    cosine = invoke("classify", in_images_parent, "-l", "cat", "--score", "cosine", "-f", "jsonl",
+                    "-m", tiny_model_dir)
+    assert cosine.exit_code == 0 and cosine.stderr == ""
+    assert all(-1 <= r["score"] < 1 for r in rows_of("jsonl", cosine.stdout, ["cat"]))
+    two = invoke("classify", in_images_parent, "-l", "cat,dog", "-f", "jsonl", "-m", tiny_model_dir)
+    assert two.exit_code == 0 and two.stderr == ""
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--min-score", "50"], ["--min-score '50.0'", "between 0 and 1", "probability"]),
+    (["--min-score", "-0.1"], ["--min-score", "between 0 and 1"]),
+    (["--score", "cosine", "--min-score", "1.5"], ["--min-score '1.5'", "between -1 and 1", "cosine"]),
+    (["--min-score", "nan"], ["--min-score 'nan'"]),
+])
+def test_min_score_out_of_range_is_a_usage_error(tiny_model_dir, image_folder, args, fragments):
+    assert_usage_error(invoke("classify", image_folder, "-l", "cat,dog", *args, "-m", tiny_model_dir), *fragments)
+
+
+def test_unknown_score_is_a_usage_error(tiny_model_dir, image_folder):
+    assert_click_usage_error(invoke("classify", image_folder, "-l", "cat,dog", "--score", "logit",
+                                    "-m", tiny_model_dir), "--score", "logit", "cosine")
+
+
+def test_help_names_the_score_options():
+    result = invoke("classify", "--help")
+    assert result.exit_code == 0
+    for option in ("--score", "prob", "cosine", "--min-score"):
+        assert option in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the library
+
+
+def test_top_labels():
+    scores = np.array([[0.2, 0.5, 0.3], [0.4, 0.4, 0.2], [0.1, 0.1, 0.1]], dtype=np.float32)
+    assert scoring.top_labels(scores).tolist() == [1, 0, 0]  # the first of equal scores
+    assert scoring.top_labels(scores, 0.4).tolist() == [1, 0, -1]  # a score equal to the threshold keeps its label
+    assert scoring.top_labels(scores, float(np.float32(0.5))).tolist() == [1, -1, -1]
+    assert scoring.top_labels(np.zeros((0, 3), np.float32), 0.5).tolist() == []
+
+
+def test_pipeline_classify_score_kinds(tiny_model_dir, image_folder):
+    from clipcli.pipeline import Session, Settings
+
+    paths = [str(p) for p in sorted(image_folder.rglob("*")) if p.is_file()]
+    session = Session(Settings(model=str(tiny_model_dir), device="cpu"))
+    labels = pipeline.label_embeddings(session, LABELS, ["a photo of a {}."])
+    probs = np.concatenate([b.scores for b in pipeline.classify(session, paths, labels)])
+    cos = np.concatenate([b.scores for b in pipeline.classify(session, paths, labels, score="cosine")])
+    assert probs.dtype == cos.dtype == np.float32
+    scaled = cos * session.info.logit_scale
+    expected = np.exp(scaled - scaled.max(-1, keepdims=True))
+    np.testing.assert_allclose(probs, expected / expected.sum(-1, keepdims=True), atol=1e-6)
+    with pytest.raises(UsageError, match="'logit'"):
+        next(pipeline.classify(session, paths, labels, score="logit"))
+    for kind, bad in (("prob", 1.01), ("prob", math.nan), ("cosine", -1.5)):
+        with pytest.raises(UsageError, match="min_score"):
+            pipeline.check_score(kind, bad)
+    pipeline.check_score("cosine", -1.0)
+    pipeline.check_score("prob", 0.0)
