@@ -96,7 +96,7 @@ def _read_vocab_and_merges(directory: Path) -> tuple[dict[str, int], list[tuple[
     lines = lines[1:] if lines and lines[0].startswith("#version") else lines  # only this header, as `tokenizers`
     vocab = read_json(source, _REFETCH)
     if not isinstance(vocab, dict):
-        raise UsageError(f"{source}: not a vocabulary (expected a JSON object); {_REFETCH}")
+        raise UsageError(f"{source}: not a CLIP vocabulary (expected a JSON object); {_REFETCH}")
     return vocab, _parse_merges([line for line in lines if line], merges_file), source
 
 
