@@ -218,18 +218,17 @@ def classify_records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[s
                      min_score: float | None = None) -> list[dict]:
     """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label. With
     `min_score`, an image whose top score is below it gets label None (its score and scores are still given)."""
-    out = []
-    best = scoring.top_labels(probs, min_score)
-    for path, row, top in zip(paths, probs, best, strict=True):
-        order = np.argsort(-row, kind="stable")
-        out.append({
-            "path": display_path(path),
-            "label": labels[top] if top >= 0 else None,
-            "score": float(row[order[0]]),
-            "top": [{"label": labels[i], "score": float(row[i])} for i in order[:top_k]],
-            "scores": {label: float(p) for label, p in zip(labels, row, strict=True)},
-        })
-    return out
+    best = scoring.top_labels(probs, min_score).tolist()
+    # Sorted and turned into Python floats for the whole batch at once: per row, numpy calls cost more than the row.
+    orders = np.argsort(-probs, axis=1, kind="stable")[:, :top_k].tolist()
+    rows = probs.tolist()
+    return [{
+        "path": display_path(path),
+        "label": labels[top] if top >= 0 else None,
+        "score": row[order[0]],
+        "top": [{"label": labels[i], "score": row[i]} for i in order],
+        "scores": dict(zip(labels, row, strict=True)),
+    } for path, row, order, top in zip(paths, rows, orders, best, strict=True)]
 
 
 def failure_record(path: str, reason: str) -> dict:
@@ -421,8 +420,12 @@ def _plain(line: str) -> str:
 _JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
+_ONE_LINE_JSON = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps with options makes one per call
+
+
 def _json(value: object, indent: int | None = None) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=indent).translate(_JSON_LINE_BREAKS)
+    text = json.dumps(value, ensure_ascii=False, indent=indent) if indent else _ONE_LINE_JSON.encode(value)
+    return text.translate(_JSON_LINE_BREAKS) if not text.isascii() else text
 
 
 def check_writable(path: Path, stream_ok: bool = True) -> None:
