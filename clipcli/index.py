@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -263,17 +264,31 @@ class Index:
         with self._guard():
             if self._con is None:
                 return found
-            states = {_path_key(path, cwd): (path, state) for cwd in [os.getcwd()] for path, state in files}
-            for chunk in _chunks(list(states), _CHUNK):
-                rows = self._con.execute(
-                    f"SELECT path, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc FROM files "
-                    f"WHERE path IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+            keys = _PathKeys()
+            states = {keys(path): (path, state) for path, state in files}
+            for rows in self._memo_rows(list(states)):
                 for key, dev, ino, size, mtime, ctime, racy, digest, crc in rows:
+                    if key not in states:
+                        continue
                     if crc != _memo_crc(key, dev, ino, size, mtime, ctime, racy, digest):
                         raise IndexProblem("is damaged (a file entry fails its checksum)")
                     path, state = states[key]
                     found[path] = (digest, not racy and (dev, ino, size, mtime, ctime) == _stat_key(state))
         return found
+
+    def _memo_rows(self, keys: list[bytes]) -> Iterator[list[tuple]]:
+        """Memo rows for `keys` (and maybe others, which the caller skips). Many keys under one folder are read in
+        one range scan of the primary key; a few, by lookups."""
+        assert self._con is not None
+        columns = "path, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc"
+        if len(keys) > 2 * _CHUNK:
+            low, high = min(keys), max(keys)
+            yield self._con.execute(f"SELECT {columns} FROM files WHERE path >= ? AND path <= ?",
+                                    (low, high)).fetchall()
+            return
+        for chunk in _chunks(keys, _CHUNK):
+            yield self._con.execute(f"SELECT {columns} FROM files WHERE path IN ({','.join('?' * len(chunk))})",
+                                    chunk).fetchall()
 
     def remember_files(self, records: Iterable[FileRecord]) -> None:
         """Store stat memo entries (in their own transaction)."""
@@ -285,8 +300,9 @@ class Index:
     @staticmethod
     def _store_memo(con: sqlite3.Connection, records: Iterable[FileRecord]) -> None:
         rows = []
+        keys = _PathKeys()
         for record in records:
-            key = os.fsencode(os.path.abspath(record.path))
+            key = keys(record.path)
             dev, ino, size, mtime, ctime = _stat_key(record.state)
             racy = int(record.seen_ns - max(mtime, ctime) < RACY_NS)
             rows.append((key, dev, ino, size, mtime, ctime, racy, record.digest,
@@ -385,12 +401,31 @@ class Index:
                     vectors.update(self._con.execute(
                         f"SELECT vector, digest FROM image_keys WHERE variant = ? AND digest IN "
                         f"({','.join('?' * len(chunk))})", [variant_id, *chunk]).fetchall())
-            for chunk in _chunks(sorted(vectors), _CHUNK):
-                rows = self._con.execute(
-                    f"SELECT id, data, crc FROM vectors WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+            ids = sorted(vectors)
+            if len(ids) > 2 * _CHUNK and ids[-1] - ids[0] < 2 * len(ids):  # dense: one range scan
+                batches: Iterable[list] = [self._con.execute(
+                    "SELECT id, data, crc FROM vectors WHERE id BETWEEN ? AND ?", (ids[0], ids[-1])).fetchall()]
+            else:
+                batches = (self._con.execute(f"SELECT id, data, crc FROM vectors WHERE id IN "
+                                             f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                           for chunk in _chunks(ids, _CHUNK))
+            keys, blobs = [], []
+            for rows in batches:
                 for vector, data, crc in rows:
-                    digest = vectors[vector]
-                    found[digest] = _vector(digest, data, crc)
+                    digest = vectors.get(vector)
+                    if digest is None:
+                        continue
+                    if zlib.crc32(data, zlib.crc32(digest)) != crc:
+                        raise IndexProblem("is damaged (an entry fails its checksum)")
+                    keys.append(digest)
+                    blobs.append(data)
+            if blobs:
+                # One matrix for all of them (rows are views of it): one allocation, not one per image.
+                width = len(blobs[0]) // 4
+                if any(len(data) != 4 * width for data in blobs):
+                    raise IndexProblem("is damaged (features of different lengths for one model)")
+                matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), width)
+                found.update(zip(keys, matrix, strict=True))
         return found
 
     def add_image_features(self, variant: Variant, rows: Sequence[tuple[bytes, np.ndarray]],
@@ -524,9 +559,26 @@ def _text_key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def _path_key(path: str, cwd: str) -> bytes:
-    """The memo's key of a path: os.fsencode(os.path.abspath(path)), with the working folder looked up once."""
-    return os.fsencode(os.path.normpath(os.path.join(cwd, path)))
+class _PathKeys:
+    """The memo's key of a path, os.fsencode(os.path.abspath(path)), normalising each folder once: a walk gives
+    thousands of files per folder."""
+
+    def __init__(self) -> None:
+        self._cwd = os.getcwd()
+        self._folders: dict[str, bytes] = {}
+        self._encoding = sys.getfilesystemencoding()  # os.fsencode's, without its per-call checks
+
+    def __call__(self, path: str) -> bytes:
+        folder, _, name = path.rpartition(os.sep)
+        if name in ("", ".", "..") or path.startswith(2 * os.sep) or (os.altsep and os.altsep in path):
+            return os.fsencode(os.path.normpath(os.path.join(self._cwd, path)))
+        if not folder:
+            folder = os.sep if path.startswith(os.sep) else "."
+        key = self._folders.get(folder)
+        if key is None:
+            base = os.path.normpath(os.path.join(self._cwd, folder))
+            key = self._folders[folder] = os.fsencode(base if base.endswith(os.sep) else base + os.sep)
+        return key + name.encode(self._encoding, "surrogateescape")
 
 
 def _stat_key(state: os.stat_result) -> tuple[int, int, int, int, int]:

@@ -132,6 +132,16 @@ def test_a_warm_run_needs_no_model_and_reads_no_image(tiny_model_dir, folder, tm
     assert reads == [] and calls == before  # stat memo + stored features and prompts: no model, no bytes
 
 
+@pytest.mark.parametrize("path", ["a.jpg", "/y.png", "./a.jpg", "sub/a.jpg", "sub//a.jpg", "/abs/x/y.png",
+                                  "../up/z.jpg", "sub/./a.jpg", "a/b/../c.jpg", "caf\udce9.jpg", "dir/", "//x.jpg",
+                                  "/", ".", "sub/..", "~/home.jpg"])
+def test_memo_keys_are_absolute_paths_as_bytes(path):
+    # The stat memo keys a file by os.fsencode(os.path.abspath(path)); _PathKeys computes that per folder once.
+    keys = index_module._PathKeys()
+    for _ in range(2):  # the second time from its cache of folders
+        assert keys(path) == os.fsencode(os.path.abspath(path))
+
+
 def test_the_text_tower_alone_gives_the_same_text_features(tiny_model_dir):
     from clipcli.resolve import resolve
 
