@@ -547,14 +547,6 @@ def organize(
     _finish(failures)
 
 
-class EvalFormat(str, Enum):
-    """clip eval's --format values (output.EVAL_FORMATS)."""
-
-    table = "table"
-    csv = "csv"
-    json = "json"
-
-
 @command("eval", cls=ClipCommand)
 @handle_errors
 def eval_command(
@@ -569,8 +561,10 @@ def eval_command(
         help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
     templates: TemplatesOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image in an HTML report.")] = 5,
-    fmt: Annotated[EvalFormat, typer.Option(
-        "--format", "-f", help="table for people; csv or json for programs.")] = EvalFormat.table,
+    fmt: Annotated[Format | None, typer.Option(
+        "--format", "-f", metavar="[table|csv|json|jsonl]", show_default=False,
+        help="table for people; csv, json or jsonl (the json object on one line) for programs. [default: from -o's "
+        "extension (.csv, .json, .jsonl; .html is the report), else table]")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write results here (default stdout); NAME.html writes a report to open in a browser.")
     ] = None,
@@ -599,6 +593,7 @@ def eval_command(
     from clipcli import output as out
 
     prompt_templates = _templates(template, templates)
+    chosen = out.choose_format(None if output is None else str(output), fmt.value if fmt is not None else None)
     names = evaluate.parse_class_names(_read_lines(class_names, "--class-names")) if class_names else None
     output = None if output is None or str(output) == "-" else output
     if output is not None:
@@ -615,8 +610,10 @@ def eval_command(
         context = session.info.context_length if result.truncated else 0
     for label in result.truncated:
         warn(f"label '{label}' is longer than the model's {context}-token context and was truncated")
-    if output is not None and _is_report(output):
+    if chosen == "html":
         from clipcli import report
+
+        assert output is not None
 
         with out.progress_bar(len(result.paths), quiet) as advance:
             report.write_eval_report(output, result, top_k=top_k, model=model, templates=prompt_templates,
@@ -624,7 +621,7 @@ def eval_command(
     else:
         summary = {**result.metrics.to_json(),
                    "errors": [{"path": out.display_path(f.path), "error": f.reason} for f in result.failures]}
-        text = out.render_eval(summary, fmt.value)
+        text = out.render_eval(summary, chosen)
         if output is None:
             write_stdout(text)
         else:
@@ -1047,11 +1044,6 @@ def _warn_if_one_label(labels: list[str], score: str) -> None:
     if len(labels) == 1 and score == "prob":
         warn(f"with one label every image scores 100% for '{labels[0]}'; use --score cosine (with --min-score) to "
              "judge each image on its own, or give more labels")
-
-
-def _is_report(output: Path) -> bool:
-    """-o NAME.html (any case) writes an HTML report instead of text."""
-    return output.suffix.lower() == ".html"
 
 
 def _finish(failures: list[Failure]) -> None:

@@ -598,15 +598,18 @@ def render_plan(steps: Sequence[Step], score: str = "prob") -> str:
 
 # ---------------------------------------------------------------------------------------------- clip eval
 
-EVAL_FORMATS = ("table", "csv", "json")
+EVAL_FORMATS = ("table", "csv", "json", "jsonl")
 
 
 def render_eval(summary: dict, fmt: str) -> str:
-    """`clip eval`'s result (evaluate.Metrics.to_json() plus "errors") as text in `fmt` (table, csv or json).
+    """`clip eval`'s result (evaluate.Metrics.to_json() plus "errors") as text in `fmt` (table, csv, json, or jsonl:
+    the json object on one line).
 
     csv: one row per true class (label, images, recall, precision) and its confusion-matrix row as one
     `predicted:<label>` column per label; an undefined figure is an empty cell (json: null; table: -)."""
     labels: list[str] = summary["labels"]
+    if fmt == "jsonl":
+        return _json(summary) + "\n"
     if fmt == "json":
         # Indented, with each confusion-matrix row on one line so that the matrix reads as one.
         marker = "\0confusion\0"

@@ -293,7 +293,27 @@ def test_usage_errors(tiny_model_dir, tmp_path, setup, args, fragments):
 
 
 def test_format_must_be_one_eval_has(tiny_model_dir, dataset):
-    assert_click_usage_error(invoke(*eval_args(dataset, tiny_model_dir, "-f", "jsonl")), "jsonl")
+    assert_click_usage_error(invoke(*eval_args(dataset, tiny_model_dir, "-f", "yaml")), "yaml")
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("m.json", "json"), ("m.JSONL", "jsonl"), ("m.csv", "csv"),
+                                           ("m.txt", "table")])
+def test_the_output_name_picks_the_format(tiny_model_dir, dataset, tmp_path, name, fmt):
+    # As for classify and search (cli-contract.md, "Output files and streams"): without --format, -o's extension
+    # chooses; jsonl is the json object on one line.
+    want = invoke(*eval_args(dataset, tiny_model_dir, "-f", fmt)).stdout
+    result = invoke(*eval_args(dataset, tiny_model_dir, "-o", tmp_path / name))
+    assert result.exit_code == 0 and result.stdout == "", (result.stderr, result.exception)
+    assert (tmp_path / name).read_text() == want
+    if fmt == "jsonl":
+        assert want.count("\n") == 1 and json.loads(want) == json.loads(
+            invoke(*eval_args(dataset, tiny_model_dir, "-f", "json")).stdout)
+
+
+def test_a_format_that_contradicts_the_output_name_is_refused(tiny_model_dir, dataset, tmp_path):
+    assert_usage_error(invoke(*eval_args(dataset, tiny_model_dir, "-o", tmp_path / "m.json", "-f", "csv")),
+                       "--format", "m.json")
+    assert not (tmp_path / "m.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
