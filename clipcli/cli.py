@@ -465,6 +465,9 @@ def organize(
         "--template", "-t",
         help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
     templates: TemplatesOpt = None,
+    files_from: FilesFromOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
@@ -492,11 +495,10 @@ def organize(
     from clipcli import organize as org
     from clipcli import output as out
     from clipcli import pipeline
-    from clipcli.inputs import find_images
     from clipcli.process import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 
     if undo is not None:
-        if paths or into is not None or labels or labels_file is not None or dry_run:
+        if paths or files_from is not None or into is not None or labels or labels_file is not None or dry_run:
             raise UsageError("--undo DEST takes no PATHs, labels, --into or --dry-run; run `clip organize --undo "
                              "DEST` alone")
         result = org.undo(undo)
@@ -507,8 +509,8 @@ def organize(
         return
     if into is None:
         raise UsageError("no destination; pass --into DEST, the folder to sort the images into")
-    if not paths:
-        raise UsageError("nothing to organize; pass image files or folders")
+    if not paths and files_from is None:
+        raise UsageError("nothing to organize; pass image files or folders, or --files-from FILE (- reads stdin)")
     modes = [name for name, chosen in (("copy", copy), ("move", move), ("link", link), ("symlink", symlink))
              if chosen]
     if len(modes) > 1:
@@ -518,9 +520,10 @@ def organize(
     prompt_templates = _templates(template, templates)
     pipeline.check_score(score.value, min_score)
     organizer = org.Organizer(into, label_list, modes[0] if modes else "copy", min_score=min_score, dry_run=dry_run)
-    organizer.check_paths(paths)
-    images, failures = find_images(paths, skip=[str(into)])
-    images = organizer.outside(images)
+    organizer.check_paths(paths or [])
+    _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))
+    images, failures = _gather_inputs(paths, files_from, exclude, max_megapixels, skip=[str(into)])
+    images = organizer.outside(images)  # DEST's files are never input, however they were reached
     failures = [f for f in failures if organizer.outside([f.path])]
     _warn_if_no_images(images, failures)
     with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
@@ -954,7 +957,16 @@ def _one_stdin_reader(*options: tuple[str, object]) -> None:
 
 def _find_inputs(paths: list[str] | None, files_from: str | None, exclude: list[str] | None,
                  max_megapixels: str | None) -> tuple[list[str], list[Failure]]:
-    """The images of PATHs and --files-from (--exclude applied) and the inputs that failed; sets the pixel limit."""
+    """The images of PATHs and --files-from (--exclude applied) and the inputs that failed; sets the pixel limit;
+    warns when there are none."""
+    images, failures = _gather_inputs(paths, files_from, exclude, max_megapixels)
+    _warn_if_no_images(images, failures)
+    return images, failures
+
+
+def _gather_inputs(paths: list[str] | None, files_from: str | None, exclude: list[str] | None,
+                   max_megapixels: str | None, skip: list[str] | None = None) -> tuple[list[str], list[Failure]]:
+    """_find_inputs without the warning; the folders in `skip` are never walked."""
     from clipcli.inputs import Exclude, find_images, parse_path_list
     from clipcli.preprocess import set_max_megapixels
 
@@ -963,9 +975,7 @@ def _find_inputs(paths: list[str] | None, files_from: str | None, exclude: list[
     if max_megapixels is not None:
         set_max_megapixels(_megapixels(max_megapixels))  # process-wide, so the program's to set, not the library's
     listed = parse_path_list(_read_bytes(files_from, "--files-from")) if files_from is not None else []
-    images, failures = find_images(paths or [], Exclude(tuple(exclude or ())), listed)
-    _warn_if_no_images(images, failures)
-    return images, failures
+    return find_images(paths or [], Exclude(tuple(exclude or ())), listed, skip or ())
 
 
 def _megapixels(value: str) -> float | None:
