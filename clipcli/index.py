@@ -36,6 +36,10 @@ DIGEST_BYTES = 16  # of SHA-256: content addresses; 2**-64 collision odds even a
 # A file whose mtime/ctime lies this close to the moment it was looked at may change again within the same
 # timestamp tick, unseen by stat; its memo entry is not trusted (git's "racy" entries).
 RACY_NS = 2_000_000_000
+# Before the first write of a run, an index up to this size is checked whole (PRAGMA quick_check: about 0.1 s per 200
+# MB), so that damage anywhere in it is found before anything is written; larger ones rely on the checks made as each
+# page is read and on the entries' checksums.
+CHECK_BEFORE_WRITE_BYTES = 1 << 30
 BUSY_TIMEOUT_MS = 10_000  # a concurrent run's transaction takes milliseconds; a lock held longer is a problem
 _CHUNK = 500  # host parameters per IN (...) query
 
@@ -149,6 +153,9 @@ class Index:
         self._con: sqlite3.Connection | None = None
         self._variants: dict[Variant, int] = {}
         self._models: dict[str, int] = {}
+        self._checked = False  # whether the file was checked whole before this run's first write
+        self.read_only = False  # opened for reading only (the user may not write it): nothing is stored
+        self._warned = False  # the run's one warning about the index was given
         with self._guard():
             self._con = self._connect()
 
@@ -173,15 +180,22 @@ class Index:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:  # created by a concurrent run this instant
                 pass
-        con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                              check_same_thread=False)
+        if _writable(self.path):
+            con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                  check_same_thread=False)
+        else:  # a shared index this user may only read: read as it is, with no -wal/-shm files made beside it
+            con = sqlite3.connect(f"{self.path.absolute().as_uri()}?immutable=1", uri=True, isolation_level=None,
+                                  check_same_thread=False)
+            self.read_only = True
         try:
             con.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # Damage in a page is found when the page is read, before anything is written to it.
+            con.execute("PRAGMA cell_size_check=ON")
             app_id = con.execute("PRAGMA application_id").fetchone()[0]
             version = con.execute("PRAGMA user_version").fetchone()[0]
             tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if app_id != APPLICATION_ID:
-                if tables or app_id:
+                if tables or app_id or version:
                     raise IndexProblem("is not a clipcli index (another program's SQLite file); give --index a "
                                        "new file name")
                 self._create(con)
@@ -235,14 +249,36 @@ class Index:
                 pass
             self._con.close()
             self._con = None
-        if self.problem is None:  # one warning per run
+        if self.problem is None:
             self.problem = problem
-            self._warn(f"the index {self.path} {problem}; this run goes on without it")
+            if not self._warned:  # one warning per run
+                self._warned = True
+                self._warn(f"the index {self.path} {problem}; this run goes on without it")
+
+    def _not_stored(self, what: str | None) -> bool:
+        """True when the index is read-only, so that nothing is written: a shortcut (`what` None: stat memo entries,
+        model records) is silently not kept; new entries (`what`) cost the run's one warning."""
+        if not self.read_only:
+            return False
+        if what is not None and not self._warned:
+            self._warned = True
+            self._warn(f"the index {self.path} cannot be written (read-only): what it holds is used, but this run's "
+                       f"new {what} are not stored")
+        return True
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         con = self._con
         assert con is not None
+        if self.read_only:
+            raise IndexProblem("cannot be written (read-only)")
+        if not self._checked:
+            self._checked = True
+            if self.size_bytes() <= CHECK_BEFORE_WRITE_BYTES:
+                verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+                if verdict != "ok":
+                    found = [line for line in str(verdict).splitlines() if line and not line.startswith("***")]
+                    raise IndexProblem(f"is damaged ({(found or ['quick_check failed'])[0][:120]})")
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con
@@ -293,7 +329,7 @@ class Index:
     def remember_files(self, records: Iterable[FileRecord]) -> None:
         """Store stat memo entries (in their own transaction)."""
         with self._guard():
-            if self._con is not None:
+            if self._con is not None and not self._not_stored(None):
                 with self._transaction() as con:
                     self._store_memo(con, records)
 
@@ -344,7 +380,7 @@ class Index:
     def add_model(self, fingerprint: str, name: str, info: dict) -> None:
         """Record a loaded model (name for people, info for runs that need no model)."""
         with self._guard():
-            if self._con is not None:
+            if self._con is not None and not self._not_stored(None):
                 with self._transaction() as con:
                     con.execute("INSERT OR IGNORE INTO models (fingerprint, name, info) VALUES (?, ?, ?)",
                                 (fingerprint, name, json.dumps(info, sort_keys=True)))
@@ -432,7 +468,7 @@ class Index:
                            files: Iterable[FileRecord] = ()) -> None:
         """Store (digest, (D,) float32 features) rows and stat memo entries in one transaction (one per batch)."""
         with self._guard():
-            if self._con is None:
+            if self._con is None or self._not_stored("image embeddings"):
                 return
             with self._transaction() as con:
                 variant_id = self._variant_id(variant, create=True)
@@ -463,7 +499,7 @@ class Index:
     def add_text_features(self, model: str, rows: Sequence[tuple[str, np.ndarray, bool]]) -> None:
         """Store (text, (D,) float32 features, truncated) rows for `model`."""
         with self._guard():
-            if self._con is None:
+            if self._con is None or self._not_stored("prompt embeddings"):
                 return
             with self._transaction() as con:
                 model_id = self._model_id(model)
@@ -592,6 +628,12 @@ def _int64(value: int) -> int:
 
 def _memo_crc(key: bytes, dev: int, ino: int, size: int, mtime: int, ctime: int, racy: int, digest: bytes) -> int:
     return zlib.crc32(key + struct.pack("<5qB", dev, ino, size, mtime, ctime, racy) + digest)
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write the index file and create its -wal and -shm files beside it."""
+    real = os.path.realpath(path)  # SQLite puts them beside the file a symbolic link leads to
+    return os.access(real, os.W_OK) and os.access(os.path.dirname(real), os.W_OK | os.X_OK)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

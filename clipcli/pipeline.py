@@ -568,6 +568,9 @@ def index_images(session: Session, paths: Sequence[str], progress: Progress | No
     """Make sure the index holds every image's features for the session's model; count what that took."""
     if session.index is None or session.variant is None:
         raise UsageError("the index cannot be used (see the warning above); nothing was indexed")
+    if session.index.read_only:
+        raise UsageError(f"the index {session.index.path} cannot be written (read-only); nothing was indexed; give "
+                         "--index a file you may write")
     states = []
     for path in paths:
         try:

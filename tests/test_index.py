@@ -413,6 +413,81 @@ def test_another_programs_sqlite_file_is_left_alone(tiny_model_dir, folder, tmp_
     assert target.read_bytes() == before
 
 
+def test_an_empty_sqlite_file_of_another_program_is_left_alone(tiny_model_dir, folder, tmp_path, reference):
+    # No tables yet, but a schema version of its own: another program's database, not a blank file to take over.
+    target = tmp_path / "other.db"
+    with sqlite3.connect(target) as con:
+        con.execute("PRAGMA user_version=7")
+    before = target.read_bytes()
+    assert before and "not a clipcli index" in faulty_run(tiny_model_dir, folder, target, reference)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db", "photos"]
+
+
+def damage_a_table_page(target: Path, table: str) -> bytes:
+    """Overwrite the cell area at the end of `table`'s root page with random bytes (a structural damage that
+    PRAGMA quick_check finds); the file's new bytes."""
+    with sqlite3.connect(target) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+        root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    data = bytearray(target.read_bytes())
+    end = root * page_size
+    data[end - 1900:end] = np.random.default_rng(5).integers(0, 256, 1900, dtype=np.uint8).tobytes()
+    target.write_bytes(bytes(data))
+    with pytest.raises(sqlite3.DatabaseError), sqlite3.connect(target) as con:  # the damage is real
+        if con.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("quick_check")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("table", ["files", "image_keys", "vectors"])
+def test_a_damaged_page_is_noticed_before_anything_is_written(tiny_model_dir, folder, tmp_path, reference, table):
+    # The run has new images to store: the damage must be noticed when the page is read, before it is written to.
+    target = tmp_path / "index.db"
+    others = tmp_path / "others"
+    others.mkdir()
+    photo(30, 30, seed=50).save(others / "q.png")
+    classify(tiny_model_dir, others, target)
+    before = damage_a_table_page(target, table)
+    assert "damaged" in faulty_run(tiny_model_dir, folder, target, reference)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.db", "others", "photos"]
+
+
+def test_a_read_only_index_is_read_and_never_written(tiny_model_dir, folder, tmp_path, reference, calls,
+                                                     monkeypatch):
+    # A shared index the user may not write: what it has is used, nothing is written, and no -wal/-shm file is left
+    # beside it. (Root may write anything: there, the check of the permission bits is made to say no.)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target = shared / "index.db"
+    classify(tiny_model_dir, folder, target)
+    target.chmod(0o444)
+    if os.geteuid() == 0:
+        monkeypatch.setattr(index_module, "_writable", lambda path: False)
+    before, computed = target.read_bytes(), calls["images"]
+    warm = invoke("classify", folder, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, "--index", target)
+    assert warm.exit_code == 0 and warm.stderr == "", warm.stderr
+    assert_close(scores(warm), reference)
+    assert calls["images"] == computed  # read from the index
+    extra = tmp_path / "more"
+    shutil.copytree(folder, extra)
+    photo(30, 30, seed=50).save(extra / "new.png")  # must be computed, and cannot be stored
+    result = invoke("classify", extra, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, "--index", target)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (f"warning: the index {target} cannot be written (read-only): what it holds is used, but "
+                             "this run's new image embeddings are not stored\n")
+    assert_close(scores(result), classify(tiny_model_dir, extra, None))
+    assert calls["images"] == computed + 1 + 7  # only the new image (then 7 without the index, for the reference)
+    assert target.read_bytes() == before
+    assert os.listdir(shared) == ["index.db"]
+    for action in (["--prune"], ["--clear"], [extra, "-m", tiny_model_dir]):
+        refused = invoke("index", *action, "--index", target)
+        assert refused.exit_code == 2 and "read-only" in refused.stderr, refused.stderr
+    assert target.read_bytes() == before
+
+
 def test_an_index_from_a_newer_clipcli_is_left_alone(tiny_model_dir, folder, tmp_path, reference):
     target = tmp_path / "index.db"
     classify(tiny_model_dir, folder, target)
