@@ -563,6 +563,8 @@ def eval_command(
         "--template", "-t",
         help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
     templates: TemplatesOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image in an HTML report.")] = 5,
     fmt: Annotated[Format | None, typer.Option(
         "--format", "-f", metavar="[table|csv|json|jsonl]", show_default=False,
@@ -601,7 +603,12 @@ def eval_command(
     output = None if output is None or str(output) == "-" else output
     if output is not None:
         out.check_writable(output)
-    data = evaluate.find_dataset(dataset, names)
+    from clipcli.inputs import Exclude
+    from clipcli.preprocess import set_max_megapixels
+
+    if max_megapixels is not None:
+        set_max_megapixels(_megapixels(max_megapixels))
+    data = evaluate.find_dataset(dataset, names, Exclude(tuple(exclude or ())))
     if data.stray:
         warn(f"{len(data.stray)} image(s) directly in '{dataset}' belong to no class folder and were left out")
     _warn_if_no_images(data.paths, data.failures)

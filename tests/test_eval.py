@@ -264,6 +264,30 @@ def test_unreadable_images_are_reported_and_the_rest_evaluated(tiny_model_dir, t
     assert got["errors"] == [{"path": f"{root}/dog/broken.jpg", "error": "not an image file"}]
 
 
+def test_exclude_and_max_megapixels_apply_to_the_dataset(tiny_model_dir, tmp_path):
+    # cli-contract.md, Inputs: --exclude drops files and folders during the walk (patterns as for every command: a
+    # name, or a path under DATASET); a class folder it drops is no class. --max-megapixels lets large images in.
+    from PIL import Image
+
+    root = tmp_path / "data"
+    sample_images(root / "cat", 2)
+    sample_images(root / "dog" / "raw", 2)
+    sample_images(root / "dog", 1)
+    sample_images(root / "drafts", 1)
+    (root / "cat" / "x.tmp.png").write_bytes((root / "cat" / "img00.png").read_bytes())
+    Image.new("RGB", (3000, 2000), (10, 200, 30)).save(root / "cat" / "wide.png")  # 6 megapixels
+    result = invoke("eval", root, "-m", tiny_model_dir, "-f", "json", "--exclude", "*.tmp.png", "--exclude",
+                    "dog/raw/", "--exclude", "drafts", "--max-megapixels", "1")
+    assert result.exit_code == 1, (result.stderr, result.exception)
+    got = json.loads(result.stdout)
+    assert got["labels"] == ["cat", "dog"] and got["support"] == {"cat": 2, "dog": 1}
+    assert [row["path"] for row in got["errors"]] == [f"{root}/cat/wide.png"]
+    larger = invoke("eval", root, "-m", tiny_model_dir, "-f", "json", "--exclude", "*.tmp.png", "--exclude",
+                    "dog/raw/", "--exclude", "drafts", "--max-megapixels", "10")
+    assert larger.exit_code == 0, (larger.stderr, larger.exception)
+    assert json.loads(larger.stdout)["support"] == {"cat": 3, "dog": 1}
+
+
 @pytest.mark.parametrize(("setup", "args", "fragments"), [
     ("none", [], ["DATASET", "does not exist"]),
     ("file", [], ["is not a folder", "one subfolder of images per class"]),
