@@ -371,7 +371,9 @@ def embed(
 def index_command(
     paths: Annotated[list[str] | None, typer.Argument(
         metavar="PATH...", help="Image files and/or folders to add or update.", show_default=False)] = None,
-    info: Annotated[bool, typer.Option("--info", help="Show what the index holds (also without PATH).")] = False,
+    info: Annotated[bool, typer.Option(
+        "--info", help="Show what the index holds (the default without PATH; after the work with PATH, --prune or "
+        "--clear).")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Forget files that are gone, and their embeddings.")] = False,
     clear: Annotated[bool, typer.Option("--clear", help="Remove every entry.")] = False,
     files_from: FilesFromOpt = None,
@@ -415,28 +417,44 @@ def index_command(
             eprint(f"{failure.path}: {failure.reason}")
         eprint(f"indexed {len(images)} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
                f"{counts.unchanged} unchanged, {len(failures)} failed")
+        if info:
+            _show_index(location)
         if failures:
             raise typer.Exit(EXIT_SOME_FAILED)
         return
     if not location.exists():
         raise UsageError(f"there is no index at {location} yet; `clip index PATH` or any classify/embed run makes it")
+    if prune or clear:
+        store = Index(location, lambda message: None)  # a problem is this command's error, below
+        try:
+            if prune:
+                pruned = store.prune()
+                if pruned is not None:
+                    eprint(f"pruned {location}: {pruned[0]} file(s) that are gone, {pruned[1]} embedding(s) no file "
+                           "has")
+            elif store.clear():
+                eprint(f"cleared {location}")
+        finally:
+            store.close()
+        if store.problem is not None:
+            raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
+    if info or not (prune or clear):
+        _show_index(location)
+
+
+def _show_index(location: Path) -> None:
+    """Write what the index at `location` holds to stdout; UsageError when it is not a usable index."""
+    from clipcli import output as out
+    from clipcli.index import Index
+
     store = Index(location, lambda message: None)  # a problem is this command's error, below
     try:
-        if prune:
-            pruned = store.prune()
-            if pruned is not None:
-                eprint(f"pruned {location}: {pruned[0]} file(s) that are gone, {pruned[1]} embedding(s) no file has")
-        elif clear:
-            if store.clear():
-                eprint(f"cleared {location}")
-        else:
-            summary = store.summary()
-            if summary is not None:
-                write_stdout(out.render_index_summary(summary))
+        summary = store.summary()
     finally:
         store.close()
-    if store.problem is not None:
+    if summary is None:
         raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
+    write_stdout(out.render_index_summary(summary))
 
 
 @command(cls=ClipCommand)

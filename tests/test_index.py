@@ -277,6 +277,16 @@ def test_index_info_prune_and_clear(tiny_model_dir, folder, tmp_path):
     assert "no embeddings yet" in run("index", index=index).stdout
 
 
+def test_info_with_paths_or_prune_shows_the_index_after_the_work(tiny_model_dir, folder, tmp_path):
+    index = tmp_path / "index.db"
+    added = run("index", folder, "--info", "-m", tiny_model_dir, index=index)
+    assert summary(added) == (6, 0, 0, 0)
+    assert re.search(r"fp32, exact decode: 6 images, 0 prompts", added.stdout), added.stdout
+    (folder / "p0.png").unlink()
+    pruned = run("index", "--prune", "--info", index=index)
+    assert "1 file(s) that are gone" in pruned.stderr and "5 images" in pruned.stdout
+
+
 def test_index_command_without_an_index_file(tmp_path):
     result = invoke("index", "--index", tmp_path / "nothing.db")
     assert result.exit_code == 2 and "no index" in result.stderr
