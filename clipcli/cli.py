@@ -5,6 +5,7 @@ imported inside commands, so `clip --help` is fast and a run answered from the i
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -649,7 +650,8 @@ def eval_command(
     else:
         summary = {**result.metrics.to_json(),
                    "errors": [{"path": out.display_path(f.path), "error": f.reason} for f in result.failures]}
-        text = out.render_eval(summary, chosen)
+        terminal = output is None and sys.stdout.isatty()
+        text = out.render_eval(summary, chosen, shutil.get_terminal_size().columns if terminal else None)
         if output is None:
             write_stdout(text)
         else:

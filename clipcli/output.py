@@ -601,12 +601,13 @@ def render_plan(steps: Sequence[Step], score: str = "prob") -> str:
 EVAL_FORMATS = ("table", "csv", "json", "jsonl")
 
 
-def render_eval(summary: dict, fmt: str) -> str:
+def render_eval(summary: dict, fmt: str, width: int | None = None) -> str:
     """`clip eval`'s result (evaluate.Metrics.to_json() plus "errors") as text in `fmt` (table, csv, json, or jsonl:
     the json object on one line).
 
     csv: one row per true class (label, images, recall, precision) and its confusion-matrix row as one
-    `predicted:<label>` column per label; an undefined figure is an empty cell (json: null; table: -)."""
+    `predicted:<label>` column per label; an undefined figure is an empty cell (json: null; table: -). `width`: the
+    terminal's, which the table then fits (None: files and pipes)."""
     labels: list[str] = summary["labels"]
     if fmt == "jsonl":
         return _json(summary) + "\n"
@@ -626,7 +627,7 @@ def render_eval(summary: dict, fmt: str) -> str:
                              _figure(summary["per_class_precision"][label], ""), *row])
         return buffer.getvalue()
     if fmt == "table":
-        return _eval_table(summary)
+        return _eval_table(summary, width)
     raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(EVAL_FORMATS)}")
 
 
@@ -634,11 +635,14 @@ def _figure(value: float | None, missing: str = "-") -> str:
     return missing if value is None else f"{value:.4f}"
 
 
-def _eval_table(summary: dict) -> str:
+def _eval_table(summary: dict, width: int | None = None) -> str:
     """Metrics, then one line per class, then the confusion matrix (classes numbered) when it fits in 30 columns.
-    Every row is one line: labels have line breaks and control characters escaped and are cut at 40 characters."""
+    Every row is one line: labels have line breaks and control characters escaped and are cut at 40 characters. With
+    a terminal `width`, labels are cut further to fit it, the matrix is left out when it cannot fit, and any line
+    still too long is cut."""
     labels: list[str] = summary["labels"]
-    shown = [_cut(display_line(label), 40) for label in labels]
+    limit = 40 if width is None else max(5, min(40, width - 27))  # 27: the class table's other columns
+    shown = [_cut(display_line(label), limit) for label in labels]
     with_images = sum(1 for label in labels if summary["support"][label])
     lines = [
         f"{'images':<23}{summary['n']} in {len(labels)} classes",
@@ -648,24 +652,32 @@ def _eval_table(summary: dict) -> str:
         f"  (over the {with_images} classes with images)",
         "",
     ]
-    width = max([5, *(len(label) for label in shown)])
-    lines.append(f"{'class':<{width}}  {'images':>6}  {'recall':>6}  {'precision':>9}")
+    column = max([5, *(len(label) for label in shown)])
+    lines.append(f"{'class':<{column}}  {'images':>6}  {'recall':>6}  {'precision':>9}")
     for label, name in zip(labels, shown, strict=True):
-        lines.append(f"{name:<{width}}  {summary['support'][label]:>6}  "
+        lines.append(f"{name:<{column}}  {summary['support'][label]:>6}  "
                      f"{_figure(summary['per_class_recall'][label]):>6}  "
                      f"{_figure(summary['per_class_precision'][label]):>9}")
     lines.append("")
     matrix = summary["confusion_matrix"]
-    if len(labels) > 30:
-        lines.append(f"confusion matrix: {len(labels)} x {len(labels)}, too wide for a table; see --format json "
-                     "or --output report.html")
-        return "\n".join(lines) + "\n"
     cell = max([len(str(len(labels))), *(len(str(value)) for row in matrix for value in row)]) + 1
-    lead = len(str(len(labels))) + 1 + width
-    lines.append("confusion matrix (rows: true class, columns: predicted class)")
-    lines.append(" " * lead + "".join(f"{number:>{cell}}" for number in range(1, len(labels) + 1)))
-    for number, (name, row) in enumerate(zip(shown, matrix, strict=True), 1):
-        lines.append(f"{number:>{len(str(len(labels)))}} {name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    digits = len(str(len(labels)))
+    if width is not None:  # the matrix's labels get what room is left beside its cells
+        room = width - digits - 1 - cell * len(labels)
+        shown = [_cut(name, room) for name in shown] if room >= 5 else []
+        column = max([0, *(len(name) for name in shown)])
+    if len(labels) > 30 or (width is not None and not shown):
+        lines.append(f"confusion matrix: {len(labels)} x {len(labels)}, too wide for a "
+                     f"{'table' if width is None else 'terminal this wide'}; see --format json or --output "
+                     "report.html")
+    else:
+        lead = digits + 1 + column
+        lines.append("confusion matrix (rows: true class, columns: predicted class)")
+        lines.append(" " * lead + "".join(f"{number:>{cell}}" for number in range(1, len(labels) + 1)))
+        for number, (name, row) in enumerate(zip(shown, matrix, strict=True), 1):
+            lines.append(f"{number:>{digits}} {name:<{column}}" + "".join(f"{v:>{cell}}" for v in row))
+    if width is not None:
+        lines = [line if len(line) <= width else _cut(line, width) for line in lines]
     return "\n".join(lines) + "\n"
 
 

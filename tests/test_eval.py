@@ -224,6 +224,36 @@ def test_table_and_csv_say_what_json_says(tiny_model_dir, dataset):
         assert [int(v) for v in row[4:]] == matrix_row
 
 
+@pytest.mark.parametrize("columns", [32, 200])
+def test_table_fits_the_terminal(tiny_model_dir, dataset, columns):
+    # cli-contract.md, Output files and streams: the table fits the terminal's width when stdout is one.
+    from rich.cells import cell_len
+
+    from tests.test_io import needs_installed, run_in_terminal
+
+    needs_installed()
+    lines = run_in_terminal(eval_args(dataset, tiny_model_dir), columns, dataset.root)
+    assert lines and all(cell_len(line) <= columns for line in lines), [cell_len(line) for line in lines]
+    assert lines[1].startswith("acc1") and any(line.startswith(("small boat", "smal…")) for line in lines)
+    assert any(line.startswith("confusion matrix") for line in lines)
+    assert any("…" in line for line in lines) == (columns == 32)
+
+
+def test_a_confusion_matrix_wider_than_the_terminal_is_left_to_other_formats():
+    from clipcli.evaluate import compute_metrics
+    from clipcli.output import render_eval
+
+    labels = [f"class number {i}" for i in range(12)]
+    scores = np.eye(12)[[i % 12 for i in range(30)]]
+    summary = {**compute_metrics(scores, np.arange(30) % 12, labels).to_json(), "errors": []}
+    narrow = render_eval(summary, "table", width=30).splitlines()
+    assert all(len(line) <= 30 for line in narrow)
+    assert any(line.startswith("confusion matrix: 12 x 12") for line in narrow)
+    wide = render_eval(summary, "table", width=120).splitlines()
+    assert any(line.startswith("confusion matrix (rows") for line in wide) and max(map(len, wide)) <= 120
+    assert render_eval(summary, "table") == render_eval(summary, "table", width=None)  # files: nothing cut
+
+
 def test_output_file_is_written_whole(tiny_model_dir, dataset, tmp_path):
     target = tmp_path / "metrics.json"
     result = invoke(*eval_args(dataset, tiny_model_dir, "-f", "json", "-o", target))
