@@ -200,6 +200,37 @@ def test_changed_content_with_the_same_size_and_mtime_is_computed_again(tiny_mod
     assert_close(second, classify(tiny_model_dir, target, None))
 
 
+def test_a_file_changed_while_the_run_waits_to_read_it_is_stored_under_what_was_read(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    # The stat memo knows the file's digest (from a run with another model), so the run does not hash it when it
+    # stats it; the file changes before the run reads it. Its features must be stored under the digest of the bytes
+    # that were read, or a copy of the old content would later get the new content's features.
+    from clipcli import pipeline
+
+    monkeypatch.setattr(index_module, "RACY_NS", 0)
+    index = tmp_path / "index.db"
+    target = tmp_path / "one"
+    target.mkdir()
+    image = target / "x.png"
+    photo(40, 30, seed=1).save(image)
+    other = make_hf_checkpoint(tmp_path / "other", seed=1)
+    classify(other, target, index)  # the memo now knows x.png's digest; no features for tiny_model_dir yet
+    original = image.read_bytes()
+    real = pipeline.read_image_file
+
+    def changed_before_read(path):
+        photo(40, 30, seed=2).save(path)  # changed after the run's stat, before its read
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "read_image_file", changed_before_read)
+    classify(tiny_model_dir, target, index)
+    monkeypatch.setattr(pipeline, "read_image_file", real)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "y.png").write_bytes(original)  # the old content, elsewhere
+    assert_close(classify(tiny_model_dir, copy, index), classify(tiny_model_dir, copy, None))
+
+
 def test_a_moved_folder_is_not_computed_again(tiny_model_dir, folder, tmp_path, calls):
     index = tmp_path / "index.db"
     before = classify(tiny_model_dir, folder, index)
