@@ -104,8 +104,8 @@ def test_two_stdin_readers_are_refused_before_either_reads(image_folder):
                        "--labels-file", "--files-from", "stdin")
 
 
-@pytest.mark.parametrize("args", [("classify", "IMAGES", "-l", "cat,dog", "-f", "jsonl"),
-                                  ("classify", "IMAGES", "-l", "cat,dog"), ("search", "a cat", "IMAGES")])
+@pytest.mark.parametrize("args", [("classify", "IMAGES", "-l", "cat,dog", "-f", "jsonl"),  # streamed rows
+                                  ("classify", "IMAGES", "-l", "cat,dog")])  # the table, written at the end
 def test_closed_stdout_is_one_error_line(tiny_model_dir, image_folder, args):
     """`clip classify ... >&-`: results cannot go anywhere; one error line and exit 2, not a traceback."""
     args = [image_folder if arg == "IMAGES" else arg for arg in args]
