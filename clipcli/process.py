@@ -38,21 +38,22 @@ _streamed = False  # part of this command's results went out on a stream (stdout
 
 
 def guard_standard_streams() -> None:
-    """Point a standard output or error that was closed at start (`>&-`, `2>&-`) at /dev/null, so that no file
-    this process opens takes its descriptor number and messages never land among results; a closed stdout is
-    remembered, and writing results to it is a usage error (write_stdout). Once, at program start."""
+    """Point a standard stream that was closed at start (`<&-`, `>&-`, `2>&-`) at /dev/null, so that no file this
+    process opens takes its descriptor number, `-` reads as empty and messages never land among results; a closed
+    stdout is remembered, and writing results to it is a usage error (write_stdout). Once, at program start."""
     global _stdout_closed
-    for fd, name in ((1, "stdout"), (2, "stderr")):
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
         try:
             os.fstat(fd)
             continue
         except OSError:
             pass
-        devnull = os.open(os.devnull, os.O_WRONLY)
+        devnull = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
         if devnull != fd:  # the lowest free number: fd itself, unless a lower one is closed too
             os.dup2(devnull, fd)
             os.close(devnull)
-        setattr(sys, name, open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False))  # noqa: SIM115
+        setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8",  # noqa: SIM115
+                                errors="backslashreplace", closefd=False))
         if fd == 1:
             _stdout_closed = True
 

@@ -25,12 +25,12 @@ def ok(result) -> str:
 
 
 def run_closed(args: list[object], close: int) -> subprocess.CompletedProcess:
-    """The installed `clip` as a real process started with file descriptor `close` (1: stdout, 2: stderr) closed,
-    as a shell's `>&-` or `2>&-` leaves it; the other stream is a pipe."""
+    """The installed `clip` as a real process started with file descriptor `close` (0: stdin, 1: stdout, 2: stderr)
+    closed, as a shell's `<&-`, `>&-` or `2>&-` leaves it; stdout and stderr are otherwise pipes."""
     if not Path(clip_command()[0]).exists() and clip_command()[0] != sys.executable:
         pytest.skip("the clip script is not installed beside this interpreter")
     keep = subprocess.PIPE
-    return subprocess.run([*clip_command(), *map(os.fspath, args)], stdin=subprocess.DEVNULL,
+    return subprocess.run([*clip_command(), *map(os.fspath, args)], stdin=None if close == 0 else subprocess.DEVNULL,
                           stdout=None if close == 1 else keep, stderr=None if close == 2 else keep,
                           preexec_fn=lambda: os.close(close), env=clip_env(), timeout=120)
 
@@ -102,6 +102,20 @@ def test_two_stdin_readers_are_refused_before_either_reads(image_folder):
     """--labels-file - with --files-from -: the usage error says so, even when stdin is empty (it said "no labels")."""
     assert_usage_error(invoke("classify", "--files-from", "-", "--labels-file", "-", input=""),
                        "--labels-file", "--files-from", "stdin")
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (("classify", "IMAGES", "--labels-file", "-"), 2, "error: no labels"),
+    (("classify", "--files-from", "-", "-l", "cat,dog"), 0, "warning: no images found"),  # as an empty list
+    (("embed", "--text-file", "-", "-o", "OUT"), 2, "error: - has no text lines")])
+def test_closed_stdin_reads_as_empty(tiny_model_dir, image_folder, tmp_path, args, code, fragment):
+    """`clip ... --labels-file - <&-`: '-' reads nothing, and the run goes on as with an empty file: the usual usage
+    error or warning, not a traceback."""
+    args = [image_folder if a == "IMAGES" else tmp_path / "e.npy" if a == "OUT" else a for a in args]
+    proc = run_closed([*args, "-m", tiny_model_dir, "--no-index"], close=0)
+    lines = proc.stderr.decode().splitlines()
+    assert proc.returncode == code, proc.stderr.decode()
+    assert len(lines) == 1 and lines[0].startswith(fragment), lines
 
 
 @pytest.mark.parametrize("args", [("classify", "IMAGES", "-l", "cat,dog", "-f", "jsonl"),  # streamed rows
