@@ -21,6 +21,7 @@ from clipcli.process import (
     ClipCommand,
     OneLineErrors,
     eprint,
+    guard_standard_streams,
     handle_errors,
     install_signal_handlers,
     warn,
@@ -226,6 +227,7 @@ def classify(
     from clipcli import pipeline
     from clipcli.inputs import PathOrder
 
+    _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))  # before either reads
     label_list = _read_labels(labels, labels_file)
     target = None if output is None or output == "-" else output
     chosen = out.choose_format(output, fmt.value if fmt is not None else None)
@@ -234,7 +236,6 @@ def classify(
     pipeline.check_score(score.value, min_score)
     if target is not None:
         out.check_writable(Path(target))
-    _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))
     images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
     if target is not None:
         out.check_not_an_input([Path(target)], images)
@@ -1094,6 +1095,7 @@ def _finish(failures: list[Failure]) -> None:
 def main() -> None:
     """Console entry point of both `clip` and `clipcli` (the same program, for systems where `clip` is taken)."""
     install_signal_handlers()
+    guard_standard_streams()
     invoked = os.path.basename(sys.argv[0]) if sys.argv else ""
     app(prog_name="clipcli" if invoked.startswith("clipcli") and not invoked.endswith(".py") else "clip")
 

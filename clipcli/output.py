@@ -196,6 +196,9 @@ class RowWriter:
             self._handle.write(text)
             if self._stream:
                 self._handle.flush()
+                from clipcli.process import note_streamed
+
+                note_streamed()
         except BrokenPipeError:
             raise  # whoever read the stream has stopped (`| head`): not a disk problem; the CLI exits quietly
         except OSError as err:

@@ -145,6 +145,11 @@ class ClipTokenizer:
         return cls(_build_backend(vocab, merges, "bundled bpe_simple_vocab_16e6.txt.gz"), context_length)
 
     @property
+    def vocab_size(self) -> int:
+        """One more than the largest id this tokenizer can produce: the token embedding rows a model needs."""
+        return max(self._backend.get_vocab(with_added_tokens=True).values()) + 1
+
+    @property
     def bos_token_id(self) -> int:
         """Id of <|startoftext|>, first in every row."""
         return self._ids[BOS]

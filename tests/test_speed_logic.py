@@ -303,7 +303,7 @@ def test_decoding_is_bounded_and_ordered(tiny_model_dir: Path, photos: list[str]
             # Everything decoded so far belongs to the stretches handed out or at most `ahead` more.
             assert len(started) <= len(seen) + (ahead + 1) * 4
             assert len(chunk) == min(4, len(paths) - len(seen))
-            seen.extend(path for path, *_ in chunk)
+            seen.extend(work.path for work in chunk)
     assert seen == paths
 
 
