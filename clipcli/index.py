@@ -373,6 +373,9 @@ class Index:
                 info = json.loads(row[1])
                 if not isinstance(info, dict):
                     raise IndexProblem("is damaged (a model entry is not a JSON object)")
+                check = info.pop("check", None)  # absent in entries written before it was added
+                if check is not None and check != _info_check(info):
+                    raise IndexProblem("is damaged (a model entry fails its checksum)")
                 self._models[fingerprint] = row[0]
                 return info
         return None
@@ -383,7 +386,7 @@ class Index:
             if self._con is not None and not self._not_stored(None):
                 with self._transaction() as con:
                     con.execute("INSERT OR IGNORE INTO models (fingerprint, name, info) VALUES (?, ?, ?)",
-                                (fingerprint, name, json.dumps(info, sort_keys=True)))
+                                (fingerprint, name, json.dumps({**info, "check": _info_check(info)}, sort_keys=True)))
                     self._models[fingerprint] = con.execute(
                         "SELECT id FROM models WHERE fingerprint = ?", (fingerprint,)).fetchone()[0]
 
@@ -589,6 +592,11 @@ def _vector(key: bytes, data: bytes, crc: int) -> np.ndarray:
 def _delete_orphan_vectors(con: sqlite3.Connection) -> None:
     con.execute("DELETE FROM vectors WHERE id NOT IN (SELECT vector FROM image_keys) "
                 "AND id NOT IN (SELECT vector FROM prompt_keys)")
+
+
+def _info_check(info: dict) -> int:
+    """crc32 of a model record (without its check): a warm run takes the logit scale from it."""
+    return zlib.crc32(json.dumps(info, sort_keys=True).encode("utf-8"))
 
 
 def _text_key(text: str) -> bytes:

@@ -554,6 +554,18 @@ def test_a_damaged_index_gives_a_warning_and_correct_results(tiny_model_dir, fol
     assert "damaged" in faulty_run(tiny_model_dir, folder, target, reference)
 
 
+def test_a_damaged_model_record_gives_a_warning_and_correct_results(tiny_model_dir, folder, tmp_path, reference):
+    # A warm run takes the model's logit scale from the index: a damaged value that is still valid JSON (a digit
+    # changed) must be noticed, not used.
+    target = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, target)
+    with sqlite3.connect(target) as con:
+        info = json.loads(con.execute("SELECT info FROM models").fetchone()[0])
+        info["logit_scale"] = info["logit_scale"] * 3
+        con.execute("UPDATE models SET info = ?", (json.dumps(info, sort_keys=True),))
+    assert "damaged" in faulty_run(tiny_model_dir, folder, target, reference)
+
+
 def test_a_truncated_index_gives_a_warning_and_correct_results(tiny_model_dir, folder, tmp_path, reference):
     target = tmp_path / "index.db"
     classify(tiny_model_dir, folder, target)
