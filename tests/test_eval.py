@@ -294,11 +294,12 @@ def test_unreadable_images_are_reported_and_the_rest_evaluated(tiny_model_dir, t
     assert got["errors"] == [{"path": f"{root}/dog/broken.jpg", "error": "not an image file"}]
 
 
-def test_exclude_and_max_megapixels_apply_to_the_dataset(tiny_model_dir, tmp_path):
+def test_exclude_and_max_megapixels_apply_to_the_dataset(tiny_model_dir, tmp_path, monkeypatch):
     # cli-contract.md, Inputs: --exclude drops files and folders during the walk (patterns as for every command: a
     # name, or a path under DATASET); a class folder it drops is no class. --max-megapixels lets large images in.
     from PIL import Image
 
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # --max-megapixels sets it process-wide
     root = tmp_path / "data"
     sample_images(root / "cat", 2)
     sample_images(root / "dog" / "raw", 2)

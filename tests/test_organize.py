@@ -361,10 +361,13 @@ def test_dest_inside_the_input_is_never_walked(tiny_model_dir, photos):
                        "inside the destination")
 
 
-def test_files_from_and_exclude_choose_the_inputs(tiny_model_dir, photos, tmp_path):
+def test_files_from_and_exclude_choose_the_inputs(tiny_model_dir, photos, tmp_path, monkeypatch):
     # cli-contract.md, "Inputs (every command that takes image PATHs)": --files-from (- is stdin) adds paths and
     # PATH may then be omitted; --exclude drops files and folders during the walk. A listed file inside DEST is
     # still never input.
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # --max-megapixels sets it process-wide
     dest = tmp_path / "sorted"
     listed = [photos / "a" / "x.png", photos / "c.bmp"]
     first = invoke("organize", "--files-from", "-", "-l", "cat,dog", "--into", dest, "-m", tiny_model_dir,
