@@ -624,10 +624,8 @@ def eval_command(
     if output is not None:
         out.check_writable(output)
     from clipcli.inputs import Exclude
-    from clipcli.preprocess import set_max_megapixels
 
-    if max_megapixels is not None:
-        set_max_megapixels(_megapixels(max_megapixels))
+    _size_limit(max_megapixels)
     data = evaluate.find_dataset(dataset, names, Exclude(tuple(exclude or ())))
     if data.stray:
         warn(f"{len(data.stray)} image(s) directly in '{dataset}' belong to no class folder and were left out")
@@ -996,14 +994,23 @@ def _gather_inputs(paths: list[str] | None, files_from: str | None, exclude: lis
                    max_megapixels: str | None, skip: list[str] | None = None) -> tuple[list[str], list[Failure]]:
     """_find_inputs without the warning; the folders in `skip` are never walked."""
     from clipcli.inputs import Exclude, find_images, parse_path_list
-    from clipcli.preprocess import set_max_megapixels
 
     if not paths and files_from is None:
         raise UsageError("no images given; pass image files or folders, or --files-from FILE (- reads stdin)")
-    if max_megapixels is not None:
-        set_max_megapixels(_megapixels(max_megapixels))  # process-wide, so the program's to set, not the library's
+    _size_limit(max_megapixels)
     listed = parse_path_list(_read_bytes(files_from, "--files-from")) if files_from is not None else []
     return find_images(paths or [], Exclude(tuple(exclude or ())), listed, skip or ())
+
+
+def _size_limit(max_megapixels: str | None) -> None:
+    """Apply --max-megapixels, or Pillow's default without it: process-wide, so the program's to set, not the
+    library's (and set by every command, so one in-process run never leaks its limit into the next)."""
+    from clipcli.preprocess import reset_max_megapixels, set_max_megapixels
+
+    if max_megapixels is None:
+        reset_max_megapixels()
+    else:
+        set_max_megapixels(_megapixels(max_megapixels))
 
 
 def _megapixels(value: str) -> float | None:

@@ -85,6 +85,9 @@ class Variant:
     fast_decode: bool
 
 
+StoredImage = tuple[np.ndarray, int]  # (D,) float32 features, and the image's pixel count (width x height)
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """A stat memo entry to store: this file, in this state, seen at `seen_ns`, holds content `digest`."""
@@ -123,8 +126,9 @@ CREATE TABLE IF NOT EXISTS variants (
     UNIQUE (model, dtype, fast_decode));
 -- Rows of float32 features, appended in rowid order so pages stay full. crc32 covers the key they belong to.
 CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, data BLOB NOT NULL, crc INTEGER NOT NULL);
+-- pixels: the image's width x height as stored, so a run answered from here applies the same size limit as decoding.
 CREATE TABLE IF NOT EXISTS image_keys (
-    variant INTEGER NOT NULL, digest BLOB NOT NULL, vector INTEGER NOT NULL,
+    variant INTEGER NOT NULL, digest BLOB NOT NULL, vector INTEGER NOT NULL, pixels INTEGER NOT NULL,
     PRIMARY KEY (variant, digest)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS prompt_keys (
     model INTEGER NOT NULL, text TEXT NOT NULL, vector INTEGER NOT NULL, truncated INTEGER NOT NULL,
@@ -417,9 +421,10 @@ class Index:
 
     # ------------------------------------------------------------------------------------------ features
 
-    def image_features(self, variant: Variant, digests: Iterable[bytes]) -> dict[bytes, np.ndarray]:
-        """digest -> (D,) float32 features stored for `variant`; digests without an entry are left out."""
-        found: dict[bytes, np.ndarray] = {}
+    def image_features(self, variant: Variant, digests: Iterable[bytes]) -> dict[bytes, StoredImage]:
+        """digest -> ((D,) float32 features, pixel count) stored for `variant`; digests without an entry are left
+        out."""
+        found: dict[bytes, StoredImage] = {}
         with self._guard():
             if self._con is None:
                 return found
@@ -429,17 +434,18 @@ class Index:
             # Two steps, so that each 64 KiB page of vectors is read once: the keys' row ids, then the rows in row id
             # order (looked up in digest order, the rows' pages would be read again for nearly every row).
             wanted = list(dict.fromkeys(digests))
-            vectors: dict[int, bytes] = {}
+            vectors: dict[int, tuple[bytes, int]] = {}
             rows_at_most = self._con.execute("SELECT max(id) FROM vectors").fetchone()[0] or 0
             if len(wanted) * 4 >= rows_at_most:  # most of the variant: one scan beats a lookup per digest
                 wanted_set = set(wanted)
-                vectors.update(row for row in self._con.execute(
-                    "SELECT vector, digest FROM image_keys WHERE variant = ?", (variant_id,)) if row[1] in wanted_set)
+                vectors.update((vector, (digest, pixels)) for vector, digest, pixels in self._con.execute(
+                    "SELECT vector, digest, pixels FROM image_keys WHERE variant = ?", (variant_id,))
+                    if digest in wanted_set)
             else:
                 for chunk in _chunks(wanted, _CHUNK):
-                    vectors.update(self._con.execute(
-                        f"SELECT vector, digest FROM image_keys WHERE variant = ? AND digest IN "
-                        f"({','.join('?' * len(chunk))})", [variant_id, *chunk]).fetchall())
+                    vectors.update((vector, (digest, pixels)) for vector, digest, pixels in self._con.execute(
+                        f"SELECT vector, digest, pixels FROM image_keys WHERE variant = ? AND digest IN "
+                        f"({','.join('?' * len(chunk))})", [variant_id, *chunk]))
             ids = sorted(vectors)
             if len(ids) > 2 * _CHUNK and ids[-1] - ids[0] < 2 * len(ids):  # dense: one range scan
                 batches: Iterable[list] = [self._con.execute(
@@ -448,15 +454,17 @@ class Index:
                 batches = (self._con.execute(f"SELECT id, data, crc FROM vectors WHERE id IN "
                                              f"({','.join('?' * len(chunk))})", chunk).fetchall()
                            for chunk in _chunks(ids, _CHUNK))
-            keys, blobs = [], []
+            keys, sizes, blobs = [], [], []
             for rows in batches:
                 for vector, data, crc in rows:
-                    digest = vectors.get(vector)
-                    if digest is None:
+                    key = vectors.get(vector)
+                    if key is None:
                         continue
-                    if zlib.crc32(data, zlib.crc32(digest)) != crc:
+                    digest, pixels = key
+                    if zlib.crc32(data, zlib.crc32(_image_key(digest, pixels))) != crc:
                         raise IndexProblem("is damaged (an entry fails its checksum)")
                     keys.append(digest)
+                    sizes.append(pixels)
                     blobs.append(data)
             if blobs:
                 # One matrix for all of them (rows are views of it): one allocation, not one per image.
@@ -464,12 +472,13 @@ class Index:
                 if any(len(data) != 4 * width for data in blobs):
                     raise IndexProblem("is damaged (features of different lengths for one model)")
                 matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), width)
-                found.update(zip(keys, matrix, strict=True))
+                found.update(zip(keys, zip(matrix, sizes, strict=True), strict=True))
         return found
 
-    def add_image_features(self, variant: Variant, rows: Sequence[tuple[bytes, np.ndarray]],
+    def add_image_features(self, variant: Variant, rows: Sequence[tuple[bytes, np.ndarray, int]],
                            files: Iterable[FileRecord] = ()) -> None:
-        """Store (digest, (D,) float32 features) rows and stat memo entries in one transaction (one per batch)."""
+        """Store (digest, (D,) float32 features, pixel count) rows and stat memo entries in one transaction (one
+        per batch)."""
         with self._guard():
             if self._con is None or self._not_stored("image embeddings"):
                 return
@@ -477,9 +486,10 @@ class Index:
                 variant_id = self._variant_id(variant, create=True)
                 if variant_id is None:  # the model was never recorded: nothing to key the rows by
                     raise IndexProblem("has no entry for the model of these features")
-                for digest, features in rows:
-                    vector = _insert_vector(con, digest, features)
-                    con.execute("INSERT OR REPLACE INTO image_keys VALUES (?, ?, ?)", (variant_id, digest, vector))
+                for digest, features, pixels in rows:
+                    vector = _insert_vector(con, _image_key(digest, pixels), features)
+                    con.execute("INSERT OR REPLACE INTO image_keys VALUES (?, ?, ?, ?)",
+                                (variant_id, digest, vector, pixels))
                 self._store_memo(con, files)
 
     def text_features(self, model: str, texts: Iterable[str]) -> dict[str, tuple[np.ndarray, bool]]:
@@ -597,6 +607,11 @@ def _delete_orphan_vectors(con: sqlite3.Connection) -> None:
 def _info_check(info: dict) -> int:
     """crc32 of a model record (without its check): a warm run takes the logit scale from it."""
     return zlib.crc32(json.dumps(info, sort_keys=True).encode("utf-8"))
+
+
+def _image_key(digest: bytes, pixels: int) -> bytes:
+    """What an image vector's checksum covers besides its data: its key and its pixel count."""
+    return digest + pixels.to_bytes(8, "little")
 
 
 def _text_key(text: str) -> bytes:

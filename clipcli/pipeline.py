@@ -19,9 +19,16 @@ import numpy as np
 
 from clipcli import scoring
 from clipcli.errors import InputError, OptionError, UsageError, os_reason
-from clipcli.index import FileRecord, Index, Variant, content_digest
+from clipcli.index import FileRecord, Index, StoredImage, Variant, content_digest
 from clipcli.inputs import Failure
-from clipcli.preprocess import PreprocessConfig, decode_image, preprocess, read_image_file
+from clipcli.preprocess import (
+    PreprocessConfig,
+    check_size_limit,
+    decode_image,
+    preprocess,
+    read_image_file,
+    source_pixels,
+)
 from clipcli.resolve import DEFAULT_MODEL, ModelFiles, resolve
 
 if TYPE_CHECKING:
@@ -253,7 +260,7 @@ class Session:
         Entries the index has (by path and stat, without reading the file; else by content) are not computed; the
         rest are decoded by `workers` threads and run through the model in batches of exactly batch_size (the last
         may be smaller), each batch stored as it completes. A batch is yielded as soon as it is complete."""
-        stored: dict[str, np.ndarray] = {}
+        stored: dict[str, np.ndarray | Failure] = {}
         known: dict[str, bytes] = {}
         variant = self.variant
         if self.index is not None and variant is not None:
@@ -265,7 +272,7 @@ class Session:
                     continue  # reported when it is read
             known = self.index.known_digests(states)
             found = self.index.image_features(variant, set(known.values()))
-            stored = {path: found[digest] for path, digest in known.items() if digest in found}
+            stored = {path: _stored(path, found[digest]) for path, digest in known.items() if digest in found}
         todo = [path for path in paths if path not in stored]
         computed = self._computed(todo, variant)
         ready: deque[tuple[str, np.ndarray | Failure]] = deque()
@@ -314,10 +321,11 @@ class Session:
         def run_model() -> None:
             features = self.clip.image_features([work.pixels for work in waiting])
             self.computed_images += len(waiting)
+            rows = [(work.digest, row, work.pixel_count) for work, row in zip(waiting, features, strict=True)
+                    if work.digest]
             for work, row in zip(waiting, features, strict=True):
                 work.result = row
             if self.index is not None and variant is not None:
-                rows = [(work.digest, row) for work, row in zip(waiting, features, strict=True) if work.digest]
                 self.index.add_image_features(variant, rows, [w.memo for w in waiting if w.memo is not None])
             waiting.clear()
 
@@ -389,7 +397,7 @@ class Session:
             found = self.index.image_features(variant, hashed) if hashed else {}
             for work in stretch:
                 if work.digest in found:
-                    work.result = found[work.digest]
+                    work.result = _stored(work.path, found[work.digest])
         misses = [work for work in stretch if work.result is None]
         if misses:
             config = self.clip.preprocess
@@ -425,11 +433,28 @@ class _Work:
         return self.result
 
 
+    @property
+    def pixel_count(self) -> int:
+        assert isinstance(self.result, _Pixels)
+        return self.result.count
+
+
 @dataclass(frozen=True)
 class _Pixels:
-    """A decoded image waiting for the model: (3, H, W) float32."""
+    """A decoded image waiting for the model: (3, H, W) float32, and the image's pixel count as stored."""
 
     pixels: np.ndarray
+    count: int
+
+
+def _stored(path: str, entry: StoredImage) -> np.ndarray | Failure:
+    """An image's features from the index, or the failure decoding it would give now (the size limit)."""
+    features, pixels = entry
+    try:
+        check_size_limit(pixels)
+    except InputError as err:
+        return Failure(path, str(err))
+    return features
 
 
 def _read(path: str, hashing: bool) -> _Work:
@@ -454,7 +479,7 @@ def _read(path: str, hashing: bool) -> _Work:
 def _decode(work: _Work, config: PreprocessConfig, draft: int | None) -> _Pixels | Failure:
     assert work.data is not None
     try:
-        return _Pixels(preprocess(decode_image(work.data, draft), config))
+        return _Pixels(preprocess(decode_image(work.data, draft), config), source_pixels(work.data))
     except InputError as err:
         return Failure(work.path, str(err))
 

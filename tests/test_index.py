@@ -231,6 +231,20 @@ def test_a_file_changed_while_the_run_waits_to_read_it_is_stored_under_what_was_
     assert_close(classify(tiny_model_dir, copy, index), classify(tiny_model_dir, copy, None))
 
 
+def test_the_size_limit_applies_to_images_answered_from_the_index(tiny_model_dir, folder, tmp_path, calls):
+    # --max-megapixels refuses an image whether its features are computed or found: the same failures either way.
+    index = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, index)
+    limited = ["classify", folder, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, "--max-megapixels", "0.0017"]
+    warm, cold = run(*limited, index=index, expect=1), run(*limited, index=None, expect=1)
+    assert calls["images"] == 6 + 3  # the warm run computed nothing; --no-index decoded the three small enough
+    rows = [json.loads(line) for line in warm.stdout.splitlines()]
+    assert rows == [json.loads(line) for line in cold.stdout.splitlines()]
+    refused = [row["path"] for row in rows if "error" in row]
+    assert len(refused) == 3 and all("image too large" in row["error"] for row in rows if "error" in row)
+    assert warm.stderr == cold.stderr
+
+
 def test_a_moved_folder_is_not_computed_again(tiny_model_dir, folder, tmp_path, calls):
     index = tmp_path / "index.db"
     before = classify(tiny_model_dir, folder, index)
