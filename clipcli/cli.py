@@ -24,6 +24,7 @@ from clipcli.process import (
     guard_standard_streams,
     handle_errors,
     install_signal_handlers,
+    note_kept,
     warn,
     write_stdout,
 )
@@ -411,6 +412,7 @@ def index_command(
     location = index or default_location()
     if adding:
         images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
+        note_kept("the images indexed so far are kept; run it again to finish")
         with (_session(model, device, dtype, fast_decode, batch_size, workers, location, False) as session,
               out.progress_bar(len(images), quiet) as advance):
             counts = pipeline.index_images(session, images, progress=advance)

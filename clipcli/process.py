@@ -35,6 +35,7 @@ FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch-size",
 # Process-wide facts about the standard streams, for the messages that end a run (this module is the program's).
 _stdout_closed = False  # the shell started us with stdout closed (`>&-`): results have nowhere to go
 _streamed = False  # part of this command's results went out on a stream (stdout, a pipe): an interrupt cuts them
+_kept: str | None = None  # what an interrupted run of this command keeps, when its work is not an output file
 
 
 def guard_standard_streams() -> None:
@@ -56,6 +57,12 @@ def guard_standard_streams() -> None:
                                 errors="backslashreplace", closefd=False))
         if fd == 1:
             _stdout_closed = True
+
+
+def note_kept(what: str) -> None:
+    """This command's work is kept as it goes (`clip index`): an interrupted run says so, not "no output"."""
+    global _kept
+    _kept = what
 
 
 def note_streamed() -> None:
@@ -190,9 +197,9 @@ def handle_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: object, **kwargs: object) -> None:
-        global _streamed
+        global _streamed, _kept
         debug = bool(kwargs.get("debug"))
-        _streamed = False
+        _streamed, _kept = False, None
         try:
             with warnings.catch_warnings():
                 if not debug:
@@ -223,6 +230,8 @@ def handle_errors(command: Callable) -> Callable:
 
 def _what_was_written() -> str:
     # Files are written whole or not at all; rows streamed to stdout before the interrupt are out there.
+    if _kept is not None:
+        return _kept
     return "the results written so far are incomplete" if _streamed else "no output was written"
 
 

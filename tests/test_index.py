@@ -24,7 +24,7 @@ from PIL import Image
 from clipcli import index as index_module
 from clipcli import loader
 from tests.conftest import make_hf_checkpoint, photo
-from tests.test_cli import clip_command, clip_env, invoke
+from tests.test_cli import clip_command, clip_env, interrupt, invoke
 
 LABELS = "cat,dog,red car"
 
@@ -408,6 +408,16 @@ def test_sigkill_mid_run_keeps_the_finished_batches_and_a_rerun_completes(tiny_m
     new, updated, unchanged, failed = summary(subprocess.CompletedProcess(args, 0, "", rerun.stderr))
     assert (new + unchanged, updated, failed) == (400, 0, 0) and unchanged >= kept  # only the rest was computed
     assert index_rows(db) == 400
+
+
+def test_an_interrupted_index_run_says_its_work_is_kept(tiny_model_dir, many_images, tmp_path):
+    db = tmp_path / "index.db"
+    proc = interrupt(["index", many_images, "-m", tiny_model_dir, "--index", db, "--batch-size", "4", "--workers", "1"],
+                     signal.SIGINT, lambda pid: index_rows(db) >= 8)
+    assert proc.returncode == 130
+    assert proc.stderr.decode().splitlines() == ["interrupted; the images indexed so far are kept; run it again to "
+                                                 "finish"]
+    assert index_rows(db) >= 8
 
 
 def test_two_concurrent_runs_on_one_index_both_complete(tiny_model_dir, many_images, tmp_path):
