@@ -92,7 +92,7 @@ def populate_synthetic(index_path: Path, model_dir: Path, folder: Path) -> None:
             state = os.stat(path)
             digest = content_digest(Path(path).read_bytes())
             vector = rng.standard_normal(width).astype(np.float32)
-            rows.append((digest, vector / np.linalg.norm(vector)))
+            rows.append((digest, vector / np.linalg.norm(vector), 64 * 64))
             files.append(FileRecord(path, state, digest, seen))
         store.add_image_features(variant, rows, files)
     store.close()

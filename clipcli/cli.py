@@ -5,6 +5,7 @@ imported inside commands, so `clip --help` is fast and a run answered from the i
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +22,10 @@ from clipcli.process import (
     ClipCommand,
     OneLineErrors,
     eprint,
+    guard_standard_streams,
     handle_errors,
     install_signal_handlers,
+    note_kept,
     warn,
     write_stdout,
 )
@@ -251,6 +254,7 @@ def classify(
     from clipcli import pipeline
     from clipcli.inputs import PathOrder
 
+    _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))  # before either reads
     label_list = _read_labels(labels, labels_file)
     target = None if output is None or output == "-" else output
     chosen = out.choose_format(output, fmt.value if fmt is not None else None)
@@ -259,7 +263,6 @@ def classify(
     pipeline.check_score(score.value, min_score)
     if target is not None:
         out.check_writable(Path(target))
-    _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))
     if engine == Engine.ray:
         _ray_engine()  # installed, before any work
     images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
@@ -406,7 +409,9 @@ def embed(
 def index_command(
     paths: Annotated[list[str] | None, typer.Argument(
         metavar="PATH...", help="Image files and/or folders to add or update.", show_default=False)] = None,
-    info: Annotated[bool, typer.Option("--info", help="Show what the index holds (also without PATH).")] = False,
+    info: Annotated[bool, typer.Option(
+        "--info", help="Show what the index holds (the default without PATH; after the work with PATH, --prune or "
+        "--clear).")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Forget files that are gone, and their embeddings.")] = False,
     clear: Annotated[bool, typer.Option("--clear", help="Remove every entry.")] = False,
     files_from: FilesFromOpt = None,
@@ -442,6 +447,7 @@ def index_command(
     location = index or default_location()
     if adding:
         images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
+        note_kept("the images indexed so far are kept; run it again to finish")
         with (_session(model, device, dtype, fast_decode, batch_size, workers, location, False) as session,
               out.progress_bar(len(images), quiet) as advance):
             counts = pipeline.index_images(session, images, progress=advance)
@@ -450,28 +456,44 @@ def index_command(
             eprint(f"{failure.path}: {failure.reason}")
         eprint(f"indexed {len(images)} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
                f"{counts.unchanged} unchanged, {len(failures)} failed")
+        if info:
+            _show_index(location)
         if failures:
             raise typer.Exit(EXIT_SOME_FAILED)
         return
     if not location.exists():
         raise UsageError(f"there is no index at {location} yet; `clip index PATH` or any classify/embed run makes it")
+    if prune or clear:
+        store = Index(location, lambda message: None)  # a problem is this command's error, below
+        try:
+            if prune:
+                pruned = store.prune()
+                if pruned is not None:
+                    eprint(f"pruned {location}: {pruned[0]} file(s) that are gone, {pruned[1]} embedding(s) no file "
+                           "has")
+            elif store.clear():
+                eprint(f"cleared {location}")
+        finally:
+            store.close()
+        if store.problem is not None:
+            raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
+    if info or not (prune or clear):
+        _show_index(location)
+
+
+def _show_index(location: Path) -> None:
+    """Write what the index at `location` holds to stdout; UsageError when it is not a usable index."""
+    from clipcli import output as out
+    from clipcli.index import Index
+
     store = Index(location, lambda message: None)  # a problem is this command's error, below
     try:
-        if prune:
-            pruned = store.prune()
-            if pruned is not None:
-                eprint(f"pruned {location}: {pruned[0]} file(s) that are gone, {pruned[1]} embedding(s) no file has")
-        elif clear:
-            if store.clear():
-                eprint(f"cleared {location}")
-        else:
-            summary = store.summary()
-            if summary is not None:
-                write_stdout(out.render_index_summary(summary))
+        summary = store.summary()
     finally:
         store.close()
-    if store.problem is not None:
+    if summary is None:
         raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
+    write_stdout(out.render_index_summary(summary))
 
 
 @command(cls=ClipCommand)
@@ -500,6 +522,9 @@ def organize(
         "--template", "-t",
         help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
     templates: TemplatesOpt = None,
+    files_from: FilesFromOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
@@ -527,11 +552,10 @@ def organize(
     from clipcli import organize as org
     from clipcli import output as out
     from clipcli import pipeline
-    from clipcli.inputs import find_images
     from clipcli.process import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 
     if undo is not None:
-        if paths or into is not None or labels or labels_file is not None or dry_run:
+        if paths or files_from is not None or into is not None or labels or labels_file is not None or dry_run:
             raise UsageError("--undo DEST takes no PATHs, labels, --into or --dry-run; run `clip organize --undo "
                              "DEST` alone")
         result = org.undo(undo)
@@ -542,8 +566,8 @@ def organize(
         return
     if into is None:
         raise UsageError("no destination; pass --into DEST, the folder to sort the images into")
-    if not paths:
-        raise UsageError("nothing to organize; pass image files or folders")
+    if not paths and files_from is None:
+        raise UsageError("nothing to organize; pass image files or folders, or --files-from FILE (- reads stdin)")
     modes = [name for name, chosen in (("copy", copy), ("move", move), ("link", link), ("symlink", symlink))
              if chosen]
     if len(modes) > 1:
@@ -553,9 +577,10 @@ def organize(
     prompt_templates = _templates(template, templates)
     pipeline.check_score(score.value, min_score)
     organizer = org.Organizer(into, label_list, modes[0] if modes else "copy", min_score=min_score, dry_run=dry_run)
-    organizer.check_paths(paths)
-    images, failures = find_images(paths, skip=[str(into)])
-    images = organizer.outside(images)
+    organizer.check_paths(paths or [])
+    _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))
+    images, failures = _gather_inputs(paths, files_from, exclude, max_megapixels, skip=[str(into)])
+    images = organizer.outside(images)  # DEST's files are never input, however they were reached
     failures = [f for f in failures if organizer.outside([f.path])]
     _warn_if_no_images(images, failures)
     with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
@@ -582,14 +607,6 @@ def organize(
     _finish(failures)
 
 
-class EvalFormat(str, Enum):
-    """clip eval's --format values (output.EVAL_FORMATS)."""
-
-    table = "table"
-    csv = "csv"
-    json = "json"
-
-
 @command("eval", cls=ClipCommand)
 @handle_errors
 def eval_command(
@@ -603,9 +620,13 @@ def eval_command(
         "--template", "-t",
         help="Prompt template, {} is the label; repeat to ensemble. [default: a photo of a {}.]")] = None,
     templates: TemplatesOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image in an HTML report.")] = 5,
-    fmt: Annotated[EvalFormat, typer.Option(
-        "--format", "-f", help="table for people; csv or json for programs.")] = EvalFormat.table,
+    fmt: Annotated[Format | None, typer.Option(
+        "--format", "-f", metavar="[table|csv|json|jsonl]", show_default=False,
+        help="table for people; csv, json or jsonl (the json object on one line) for programs. [default: from -o's "
+        "extension (.csv, .json, .jsonl; .html is the report), else table]")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write results here (default stdout); NAME.html writes a report to open in a browser.")
     ] = None,
@@ -634,11 +655,15 @@ def eval_command(
     from clipcli import output as out
 
     prompt_templates = _templates(template, templates)
+    chosen = out.choose_format(None if output is None else str(output), fmt.value if fmt is not None else None)
     names = evaluate.parse_class_names(_read_lines(class_names, "--class-names")) if class_names else None
     output = None if output is None or str(output) == "-" else output
     if output is not None:
         out.check_writable(output)
-    data = evaluate.find_dataset(dataset, names)
+    from clipcli.inputs import Exclude
+
+    _size_limit(max_megapixels)
+    data = evaluate.find_dataset(dataset, names, Exclude(tuple(exclude or ())))
     if data.stray:
         warn(f"{len(data.stray)} image(s) directly in '{dataset}' belong to no class folder and were left out")
     _warn_if_no_images(data.paths, data.failures)
@@ -650,8 +675,10 @@ def eval_command(
         context = session.info.context_length if result.truncated else 0
     for label in result.truncated:
         warn(f"label '{label}' is longer than the model's {context}-token context and was truncated")
-    if output is not None and _is_report(output):
+    if chosen == "html":
         from clipcli import report
+
+        assert output is not None
 
         with out.progress_bar(len(result.paths), quiet) as advance:
             report.write_eval_report(output, result, top_k=top_k, model=model, templates=prompt_templates,
@@ -659,12 +686,175 @@ def eval_command(
     else:
         summary = {**result.metrics.to_json(),
                    "errors": [{"path": out.display_path(f.path), "error": f.reason} for f in result.failures]}
-        text = out.render_eval(summary, fmt.value)
+        terminal = output is None and sys.stdout.isatty()
+        text = out.render_eval(summary, chosen, shutil.get_terminal_size().columns if terminal else None)
         if output is None:
             write_stdout(text)
         else:
             out.write_text(output, text)
     _finish(result.failures)
+
+
+FormatOpt = Annotated[Format | None, typer.Option(
+    "--format", "-f", metavar="[table|csv|json|jsonl]", show_default=False,
+    help="table for people; csv, json or jsonl for programs. [default: from -o's extension (.csv, .json, .jsonl), "
+    "else table]")]
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", "-o", metavar="FILE",
+    help="Write results here, complete or not at all (default stdout; - is stdout too).")]
+
+
+@command(cls=ClipCommand)
+@handle_errors
+def search(
+    query: Annotated[str | None, typer.Argument(
+        metavar="QUERY", show_default=False,
+        help="Words to search for, embedded as given (no template). With --image, leave it out.")] = None,
+    paths: Annotated[list[str] | None, typer.Argument(
+        metavar="[PATH]...", show_default=False,
+        help="Image files and/or folders to search (walked recursively) [default: ., unless --files-from]")] = None,
+    image: Annotated[Path | None, typer.Option(
+        "--image", metavar="FILE", show_default=False, help="Search by this example image instead of words.")] = None,
+    add: Annotated[list[str] | None, typer.Option(
+        "--add", metavar="TEXT", show_default=False,
+        help="Words to add to the query (repeatable): beach --add sunset.")] = None,
+    subtract: Annotated[list[str] | None, typer.Option(
+        "--subtract", metavar="TEXT", show_default=False,
+        help="Words to steer away from (repeatable): --subtract people.")] = None,
+    add_image: Annotated[list[Path] | None, typer.Option(
+        "--add-image", metavar="FILE", show_default=False, help="An image to add to the query (repeatable).")] = None,
+    subtract_image: Annotated[list[Path] | None, typer.Option(
+        "--subtract-image", metavar="FILE", show_default=False,
+        help="An image to steer away from (repeatable).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, metavar="N", help="Images shown, best first.")] = 10,
+    fmt: FormatOpt = None,
+    output: OutputOpt = None,
+    files_from: FilesFromOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Find images by words or by an example image: the most similar first (cosine of CLIP embeddings).
+
+    Images not in the embedding index yet are embedded first (and kept), so the next search is quick.
+
+    Examples:
+
+      clip search "a dog on a sofa" photos/
+
+      clip search beach --add sunset --subtract people photos/ -k 20
+
+      clip search --image cat.jpg photos/ -f jsonl
+    """
+    from clipcli import output as out
+    from clipcli import search as searching
+
+    if image is not None and query is not None:
+        if not os.path.lexists(query):
+            raise UsageError(f"with --image every argument is a PATH, and '{query}' does not exist; add words to "
+                             f"an image query with --add '{query}'")
+        paths = [query, *(paths or [])]
+        query = None
+    if query is None and image is None:
+        raise UsageError("nothing to search for; give a QUERY (words) or --image FILE")
+    texts = [*([query] if query is not None else []), *(add or [])]
+    for item in [*texts, *(subtract or [])]:
+        _check_utf8("query", item)
+    request = searching.Query(tuple(texts), tuple(str(p) for p in [*([image] if image else []), *(add_image or [])]),
+                              tuple(subtract or []), tuple(str(p) for p in subtract_image or []))
+    target, chosen = _rows_output(output, fmt, "search")
+    images, failures = _find_inputs(paths or ([] if files_from is not None else ["."]), files_from, exclude,
+                                    max_megapixels)
+    if target is not None:
+        out.check_not_an_input([Path(target)], images)
+    with _session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session:
+        embedded = searching.embed_query(session, request)
+        for text in embedded.truncated:
+            warn(f"query '{text[:60]}{'…' if len(text) > 60 else ''}' is longer than the model's "
+                 f"{session.info.context_length}-token context and was truncated")
+        with out.progress_bar(len(images), quiet) as advance:
+            found = searching.search(session, images, embedded, top_k, progress=advance)
+    failures.extend(found.failures)
+    with out.RowWriter(target, chosen, out.search_layout()) as rows:  # best first, then the failures by path
+        rows.write([*out.search_records([(hit.path, hit.score) for hit in found.hits]),
+                    *(out.failure_record(f.path, f.reason) for f in sorted(failures, key=lambda f: f.path))])
+    _finish(failures)
+
+
+@command(cls=ClipCommand)
+@handle_errors
+def duplicates(
+    paths: PathsArg = None,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", min=-1.0, max=1.0, metavar="X",
+        help="Cosine similarity at or above which two images are near-duplicates.")] = 0.95,
+    fmt: FormatOpt = None,
+    output: OutputOpt = None,
+    files_from: FilesFromOpt = None,
+    exclude: ExcludeOpt = None,
+    max_megapixels: MaxPixelsOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    workers: WorkersOpt = None,
+    fast_decode: FastOpt = False,
+    index: IndexOpt = None,
+    no_index: NoIndexOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Find groups of near-duplicate images (resized, re-encoded, cropped copies), largest group first.
+
+    Two images are linked when the cosine of their embeddings reaches --threshold; a group is every image
+    linked to another member, directly or through others. min_score is the smallest cosine between two members.
+
+    Examples:
+
+      clip duplicates photos/
+
+      clip duplicates photos/ --threshold 0.9 -o groups.json
+    """
+    from clipcli import output as out
+    from clipcli import search as searching
+
+    target, chosen = _rows_output(output, fmt, "duplicates")
+    images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
+    if target is not None:
+        out.check_not_an_input([Path(target)], images)
+    with (_session(model, device, dtype, fast_decode, batch_size, workers, index, no_index) as session,
+          out.progress_bar(len(images), quiet) as advance):
+        found = searching.duplicates(session, images, threshold, progress=advance)
+    failures.extend(found.failures)
+    with out.RowWriter(target, chosen, out.duplicates_layout()) as rows:
+        rows.write(out.duplicate_records(found.groups))
+    if not quiet:
+        grouped = sum(len(group) for group, _ in found.groups)
+        eprint(f"{len(found.groups)} group(s) of near-duplicates ({grouped} images) among {found.compared} "
+               f"image(s) at cosine >= {threshold:g}")
+    _finish(failures)
+
+
+def _rows_output(output: str | None, fmt: Format | None, name: str) -> tuple[str | None, str]:
+    """-o as a file to write (None: stdout), checked writable before any work, and the format to write."""
+    from clipcli import output as out
+
+    chosen = out.choose_format(output, fmt.value if fmt is not None else None)
+    if chosen == "html":
+        raise UsageError(f"clip {name} writes no HTML report; use -o NAME.json, .jsonl or .csv, or a table file")
+    target = None if output is None or output == "-" else output
+    if target is not None:
+        out.check_writable(Path(target))
+    return target, chosen
 
 
 class ConvertDtype(str, Enum):
@@ -830,18 +1020,34 @@ def _one_stdin_reader(*options: tuple[str, object]) -> None:
 
 def _find_inputs(paths: list[str] | None, files_from: str | None, exclude: list[str] | None,
                  max_megapixels: str | None) -> tuple[list[str], list[Failure]]:
-    """The images of PATHs and --files-from (--exclude applied) and the inputs that failed; sets the pixel limit."""
+    """The images of PATHs and --files-from (--exclude applied) and the inputs that failed; sets the pixel limit;
+    warns when there are none."""
+    images, failures = _gather_inputs(paths, files_from, exclude, max_megapixels)
+    _warn_if_no_images(images, failures)
+    return images, failures
+
+
+def _gather_inputs(paths: list[str] | None, files_from: str | None, exclude: list[str] | None,
+                   max_megapixels: str | None, skip: list[str] | None = None) -> tuple[list[str], list[Failure]]:
+    """_find_inputs without the warning; the folders in `skip` are never walked."""
     from clipcli.inputs import Exclude, find_images, parse_path_list
-    from clipcli.preprocess import set_max_megapixels
 
     if not paths and files_from is None:
         raise UsageError("no images given; pass image files or folders, or --files-from FILE (- reads stdin)")
-    if max_megapixels is not None:
-        set_max_megapixels(_megapixels(max_megapixels))  # process-wide, so the program's to set, not the library's
+    _size_limit(max_megapixels)
     listed = parse_path_list(_read_bytes(files_from, "--files-from")) if files_from is not None else []
-    images, failures = find_images(paths or [], Exclude(tuple(exclude or ())), listed)
-    _warn_if_no_images(images, failures)
-    return images, failures
+    return find_images(paths or [], Exclude(tuple(exclude or ())), listed, skip or ())
+
+
+def _size_limit(max_megapixels: str | None) -> None:
+    """Apply --max-megapixels, or Pillow's default without it: process-wide, so the program's to set, not the
+    library's (and set by every command, so one in-process run never leaks its limit into the next)."""
+    from clipcli.preprocess import reset_max_megapixels, set_max_megapixels
+
+    if max_megapixels is None:
+        reset_max_megapixels()
+    else:
+        set_max_megapixels(_megapixels(max_megapixels))
 
 
 def _megapixels(value: str) -> float | None:
@@ -929,11 +1135,6 @@ def _ray_engine() -> ModuleType:
     return ray_engine()
 
 
-def _is_report(output: Path) -> bool:
-    """-o NAME.html (any case) writes an HTML report instead of text."""
-    return output.suffix.lower() == ".html"
-
-
 def _finish(failures: list[Failure]) -> None:
     for failure in sorted(failures, key=lambda f: f.path):  # walk and decode failures, in one path order
         eprint(f"{failure.path}: {failure.reason}")
@@ -945,6 +1146,7 @@ def _finish(failures: list[Failure]) -> None:
 def main() -> None:
     """Console entry point of both `clip` and `clipcli` (the same program, for systems where `clip` is taken)."""
     install_signal_handlers()
+    guard_standard_streams()
     invoked = os.path.basename(sys.argv[0]) if sys.argv else ""
     app(prog_name="clipcli" if invoked.startswith("clipcli") and not invoked.endswith(".py") else "clip")
 

@@ -4,6 +4,7 @@ precision and recall and the confusion matrix. Returns data; text and HTML are o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import numpy as np
 
 from clipcli import pipeline
 from clipcli.errors import OptionError, os_reason
-from clipcli.inputs import IMAGE_EXTENSIONS, Failure, find_images
+from clipcli.inputs import IMAGE_EXTENSIONS, Exclude, Failure, find_images
 from clipcli.pipeline import Progress, Session
 
 
@@ -52,8 +53,9 @@ def parse_class_names(lines: Iterable[str]) -> dict[str, str]:
     return names
 
 
-def find_dataset(root: str, class_names: Mapping[str, str] | None = None) -> Dataset:
+def find_dataset(root: str, class_names: Mapping[str, str] | None = None, exclude: Exclude | None = None) -> Dataset:
     """The classes and images of `root` (ImageFolder layout: each non-hidden subfolder is a class, walked recursively).
+    `exclude` patterns are relative to `root`: a class folder they match is no class.
 
     UsageError when `root` is not a folder with class folders, when `class_names` names a folder that is not there,
     or when two classes would get the same label."""
@@ -66,15 +68,18 @@ def find_dataset(root: str, class_names: Mapping[str, str] | None = None) -> Dat
             entries = sorted(listing, key=lambda entry: entry.name)
     except OSError as err:
         raise OptionError("dataset", root, f"cannot be read ({os_reason(err)})", "check its permissions") from None
+    exclude = exclude or Exclude()
     folders: list[os.DirEntry] = []
     loose: list[os.DirEntry] = []
     for entry in entries:
         if entry.name.startswith("."):
             continue
         try:
-            (folders if entry.is_dir() else loose).append(entry)
+            is_dir = entry.is_dir()
         except OSError:
-            loose.append(entry)
+            is_dir = False
+        if not exclude.matches(entry.name, entry.name, entry.path, is_dir):
+            (folders if is_dir else loose).append(entry)
     if not folders:
         raise OptionError("dataset", root, "has no class folders",
                           "put each class's images in a subfolder named after the class")
@@ -88,7 +93,7 @@ def find_dataset(root: str, class_names: Mapping[str, str] | None = None) -> Dat
     target_of: dict[str, int] = {}
     failures: list[Failure] = []
     for number, entry in enumerate(folders):
-        images, failed = find_images([entry.path])
+        images, failed = find_images([entry.path], dataclasses.replace(exclude, base=entry.name))
         failures.extend(failed)
         for path in images:
             target_of.setdefault(path, number)

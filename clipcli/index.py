@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -35,6 +36,10 @@ DIGEST_BYTES = 16  # of SHA-256: content addresses; 2**-64 collision odds even a
 # A file whose mtime/ctime lies this close to the moment it was looked at may change again within the same
 # timestamp tick, unseen by stat; its memo entry is not trusted (git's "racy" entries).
 RACY_NS = 2_000_000_000
+# Before the first write of a run, an index up to this size is checked whole (PRAGMA quick_check: about 0.1 s per 200
+# MB), so that damage anywhere in it is found before anything is written; larger ones rely on the checks made as each
+# page is read and on the entries' checksums.
+CHECK_BEFORE_WRITE_BYTES = 1 << 30
 BUSY_TIMEOUT_MS = 10_000  # a concurrent run's transaction takes milliseconds; a lock held longer is a problem
 _CHUNK = 500  # host parameters per IN (...) query
 
@@ -80,6 +85,9 @@ class Variant:
     fast_decode: bool
 
 
+StoredImage = tuple[np.ndarray, int]  # (D,) float32 features, and the image's pixel count (width x height)
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """A stat memo entry to store: this file, in this state, seen at `seen_ns`, holds content `digest`."""
@@ -118,8 +126,9 @@ CREATE TABLE IF NOT EXISTS variants (
     UNIQUE (model, dtype, fast_decode));
 -- Rows of float32 features, appended in rowid order so pages stay full. crc32 covers the key they belong to.
 CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, data BLOB NOT NULL, crc INTEGER NOT NULL);
+-- pixels: the image's width x height as stored, so a run answered from here applies the same size limit as decoding.
 CREATE TABLE IF NOT EXISTS image_keys (
-    variant INTEGER NOT NULL, digest BLOB NOT NULL, vector INTEGER NOT NULL,
+    variant INTEGER NOT NULL, digest BLOB NOT NULL, vector INTEGER NOT NULL, pixels INTEGER NOT NULL,
     PRIMARY KEY (variant, digest)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS prompt_keys (
     model INTEGER NOT NULL, text TEXT NOT NULL, vector INTEGER NOT NULL, truncated INTEGER NOT NULL,
@@ -148,6 +157,9 @@ class Index:
         self._con: sqlite3.Connection | None = None
         self._variants: dict[Variant, int] = {}
         self._models: dict[str, int] = {}
+        self._checked = False  # whether the file was checked whole before this run's first write
+        self.read_only = False  # opened for reading only (the user may not write it): nothing is stored
+        self._warned = False  # the run's one warning about the index was given
         with self._guard():
             self._con = self._connect()
 
@@ -172,15 +184,22 @@ class Index:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:  # created by a concurrent run this instant
                 pass
-        con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                              check_same_thread=False)
+        if _writable(self.path):
+            con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                  check_same_thread=False)
+        else:  # a shared index this user may only read: read as it is, with no -wal/-shm files made beside it
+            con = sqlite3.connect(f"{self.path.absolute().as_uri()}?immutable=1", uri=True, isolation_level=None,
+                                  check_same_thread=False)
+            self.read_only = True
         try:
             con.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # Damage in a page is found when the page is read, before anything is written to it.
+            con.execute("PRAGMA cell_size_check=ON")
             app_id = con.execute("PRAGMA application_id").fetchone()[0]
             version = con.execute("PRAGMA user_version").fetchone()[0]
             tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if app_id != APPLICATION_ID:
-                if tables or app_id:
+                if tables or app_id or version:
                     raise IndexProblem("is not a clipcli index (another program's SQLite file); give --index a "
                                        "new file name")
                 self._create(con)
@@ -234,14 +253,36 @@ class Index:
                 pass
             self._con.close()
             self._con = None
-        if self.problem is None:  # one warning per run
+        if self.problem is None:
             self.problem = problem
-            self._warn(f"the index {self.path} {problem}; this run goes on without it")
+            if not self._warned:  # one warning per run
+                self._warned = True
+                self._warn(f"the index {self.path} {problem}; this run goes on without it")
+
+    def _not_stored(self, what: str | None) -> bool:
+        """True when the index is read-only, so that nothing is written: a shortcut (`what` None: stat memo entries,
+        model records) is silently not kept; new entries (`what`) cost the run's one warning."""
+        if not self.read_only:
+            return False
+        if what is not None and not self._warned:
+            self._warned = True
+            self._warn(f"the index {self.path} cannot be written (read-only): what it holds is used, but this run's "
+                       f"new {what} are not stored")
+        return True
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         con = self._con
         assert con is not None
+        if self.read_only:
+            raise IndexProblem("cannot be written (read-only)")
+        if not self._checked:
+            self._checked = True
+            if self.size_bytes() <= CHECK_BEFORE_WRITE_BYTES:
+                verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+                if verdict != "ok":
+                    found = [line for line in str(verdict).splitlines() if line and not line.startswith("***")]
+                    raise IndexProblem(f"is damaged ({(found or ['quick_check failed'])[0][:120]})")
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con
@@ -263,30 +304,45 @@ class Index:
         with self._guard():
             if self._con is None:
                 return found
-            states = {os.fsencode(os.path.abspath(path)): (path, state) for path, state in files}
-            for chunk in _chunks(list(states), _CHUNK):
-                rows = self._con.execute(
-                    f"SELECT path, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc FROM files "
-                    f"WHERE path IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+            keys = _PathKeys()
+            states = {keys(path): (path, state) for path, state in files}
+            for rows in self._memo_rows(list(states)):
                 for key, dev, ino, size, mtime, ctime, racy, digest, crc in rows:
+                    if key not in states:
+                        continue
                     if crc != _memo_crc(key, dev, ino, size, mtime, ctime, racy, digest):
                         raise IndexProblem("is damaged (a file entry fails its checksum)")
                     path, state = states[key]
                     found[path] = (digest, not racy and (dev, ino, size, mtime, ctime) == _stat_key(state))
         return found
 
+    def _memo_rows(self, keys: list[bytes]) -> Iterator[list[tuple]]:
+        """Memo rows for `keys` (and maybe others, which the caller skips). Many keys under one folder are read in
+        one range scan of the primary key; a few, by lookups."""
+        assert self._con is not None
+        columns = "path, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc"
+        if len(keys) > 2 * _CHUNK:
+            low, high = min(keys), max(keys)
+            yield self._con.execute(f"SELECT {columns} FROM files WHERE path >= ? AND path <= ?",
+                                    (low, high)).fetchall()
+            return
+        for chunk in _chunks(keys, _CHUNK):
+            yield self._con.execute(f"SELECT {columns} FROM files WHERE path IN ({','.join('?' * len(chunk))})",
+                                    chunk).fetchall()
+
     def remember_files(self, records: Iterable[FileRecord]) -> None:
         """Store stat memo entries (in their own transaction)."""
         with self._guard():
-            if self._con is not None:
+            if self._con is not None and not self._not_stored(None):
                 with self._transaction() as con:
                     self._store_memo(con, records)
 
     @staticmethod
     def _store_memo(con: sqlite3.Connection, records: Iterable[FileRecord]) -> None:
         rows = []
+        keys = _PathKeys()
         for record in records:
-            key = os.fsencode(os.path.abspath(record.path))
+            key = keys(record.path)
             dev, ino, size, mtime, ctime = _stat_key(record.state)
             racy = int(record.seen_ns - max(mtime, ctime) < RACY_NS)
             rows.append((key, dev, ino, size, mtime, ctime, racy, record.digest,
@@ -321,6 +377,9 @@ class Index:
                 info = json.loads(row[1])
                 if not isinstance(info, dict):
                     raise IndexProblem("is damaged (a model entry is not a JSON object)")
+                check = info.pop("check", None)  # absent in entries written before it was added
+                if check is not None and check != _info_check(info):
+                    raise IndexProblem("is damaged (a model entry fails its checksum)")
                 self._models[fingerprint] = row[0]
                 return info
         return None
@@ -328,10 +387,10 @@ class Index:
     def add_model(self, fingerprint: str, name: str, info: dict) -> None:
         """Record a loaded model (name for people, info for runs that need no model)."""
         with self._guard():
-            if self._con is not None:
+            if self._con is not None and not self._not_stored(None):
                 with self._transaction() as con:
                     con.execute("INSERT OR IGNORE INTO models (fingerprint, name, info) VALUES (?, ?, ?)",
-                                (fingerprint, name, json.dumps(info, sort_keys=True)))
+                                (fingerprint, name, json.dumps({**info, "check": _info_check(info)}, sort_keys=True)))
                     self._models[fingerprint] = con.execute(
                         "SELECT id FROM models WHERE fingerprint = ?", (fingerprint,)).fetchone()[0]
 
@@ -362,37 +421,75 @@ class Index:
 
     # ------------------------------------------------------------------------------------------ features
 
-    def image_features(self, variant: Variant, digests: Iterable[bytes]) -> dict[bytes, np.ndarray]:
-        """digest -> (D,) float32 features stored for `variant`; digests without an entry are left out."""
-        found: dict[bytes, np.ndarray] = {}
+    def image_features(self, variant: Variant, digests: Iterable[bytes]) -> dict[bytes, StoredImage]:
+        """digest -> ((D,) float32 features, pixel count) stored for `variant`; digests without an entry are left
+        out."""
+        found: dict[bytes, StoredImage] = {}
         with self._guard():
             if self._con is None:
                 return found
             variant_id = self._variant_id(variant, create=False)
             if variant_id is None:
                 return found
-            for chunk in _chunks(list(dict.fromkeys(digests)), _CHUNK):
-                rows = self._con.execute(
-                    f"SELECT k.digest, v.data, v.crc FROM image_keys k JOIN vectors v ON v.id = k.vector "
-                    f"WHERE k.variant = ? AND k.digest IN ({','.join('?' * len(chunk))})",
-                    [variant_id, *chunk]).fetchall()
-                for digest, data, crc in rows:
-                    found[digest] = _vector(digest, data, crc)
+            # Two steps, so that each 64 KiB page of vectors is read once: the keys' row ids, then the rows in row id
+            # order (looked up in digest order, the rows' pages would be read again for nearly every row).
+            wanted = list(dict.fromkeys(digests))
+            vectors: dict[int, tuple[bytes, int]] = {}
+            rows_at_most = self._con.execute("SELECT max(id) FROM vectors").fetchone()[0] or 0
+            if len(wanted) * 4 >= rows_at_most:  # most of the variant: one scan beats a lookup per digest
+                wanted_set = set(wanted)
+                vectors.update((vector, (digest, pixels)) for vector, digest, pixels in self._con.execute(
+                    "SELECT vector, digest, pixels FROM image_keys WHERE variant = ?", (variant_id,))
+                    if digest in wanted_set)
+            else:
+                for chunk in _chunks(wanted, _CHUNK):
+                    vectors.update((vector, (digest, pixels)) for vector, digest, pixels in self._con.execute(
+                        f"SELECT vector, digest, pixels FROM image_keys WHERE variant = ? AND digest IN "
+                        f"({','.join('?' * len(chunk))})", [variant_id, *chunk]))
+            ids = sorted(vectors)
+            if len(ids) > 2 * _CHUNK and ids[-1] - ids[0] < 2 * len(ids):  # dense: one range scan
+                batches: Iterable[list] = [self._con.execute(
+                    "SELECT id, data, crc FROM vectors WHERE id BETWEEN ? AND ?", (ids[0], ids[-1])).fetchall()]
+            else:
+                batches = (self._con.execute(f"SELECT id, data, crc FROM vectors WHERE id IN "
+                                             f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                           for chunk in _chunks(ids, _CHUNK))
+            keys, sizes, blobs = [], [], []
+            for rows in batches:
+                for vector, data, crc in rows:
+                    key = vectors.get(vector)
+                    if key is None:
+                        continue
+                    digest, pixels = key
+                    if zlib.crc32(data, zlib.crc32(_image_key(digest, pixels))) != crc:
+                        raise IndexProblem("is damaged (an entry fails its checksum)")
+                    keys.append(digest)
+                    sizes.append(pixels)
+                    blobs.append(data)
+            if blobs:
+                # One matrix for all of them (rows are views of it): one allocation, not one per image.
+                width = len(blobs[0]) // 4
+                if any(len(data) != 4 * width for data in blobs):
+                    raise IndexProblem("is damaged (features of different lengths for one model)")
+                matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), width)
+                found.update(zip(keys, zip(matrix, sizes, strict=True), strict=True))
         return found
 
-    def add_image_features(self, variant: Variant, rows: Sequence[tuple[bytes, np.ndarray]],
+    def add_image_features(self, variant: Variant, rows: Sequence[tuple[bytes, np.ndarray, int]],
                            files: Iterable[FileRecord] = ()) -> None:
-        """Store (digest, (D,) float32 features) rows and stat memo entries in one transaction (one per batch)."""
+        """Store (digest, (D,) float32 features, pixel count) rows and stat memo entries in one transaction (one
+        per batch)."""
         with self._guard():
-            if self._con is None:
+            if self._con is None or self._not_stored("image embeddings"):
                 return
             with self._transaction() as con:
                 variant_id = self._variant_id(variant, create=True)
                 if variant_id is None:  # the model was never recorded: nothing to key the rows by
                     raise IndexProblem("has no entry for the model of these features")
-                for digest, features in rows:
-                    vector = _insert_vector(con, digest, features)
-                    con.execute("INSERT OR REPLACE INTO image_keys VALUES (?, ?, ?)", (variant_id, digest, vector))
+                for digest, features, pixels in rows:
+                    vector = _insert_vector(con, _image_key(digest, pixels), features)
+                    con.execute("INSERT OR REPLACE INTO image_keys VALUES (?, ?, ?, ?)",
+                                (variant_id, digest, vector, pixels))
                 self._store_memo(con, files)
 
     def text_features(self, model: str, texts: Iterable[str]) -> dict[str, tuple[np.ndarray, bool]]:
@@ -415,7 +512,7 @@ class Index:
     def add_text_features(self, model: str, rows: Sequence[tuple[str, np.ndarray, bool]]) -> None:
         """Store (text, (D,) float32 features, truncated) rows for `model`."""
         with self._guard():
-            if self._con is None:
+            if self._con is None or self._not_stored("prompt embeddings"):
                 return
             with self._transaction() as con:
                 model_id = self._model_id(model)
@@ -497,7 +594,7 @@ def _insert_vector(con: sqlite3.Connection, key: bytes, features: np.ndarray) ->
 
 
 def _vector(key: bytes, data: bytes, crc: int) -> np.ndarray:
-    if zlib.crc32(key + data) != crc or len(data) % 4:
+    if zlib.crc32(data, zlib.crc32(key)) != crc or len(data) % 4:
         raise IndexProblem("is damaged (an entry fails its checksum)")
     return np.frombuffer(data, dtype="<f4")
 
@@ -507,8 +604,40 @@ def _delete_orphan_vectors(con: sqlite3.Connection) -> None:
                 "AND id NOT IN (SELECT vector FROM prompt_keys)")
 
 
+def _info_check(info: dict) -> int:
+    """crc32 of a model record (without its check): a warm run takes the logit scale from it."""
+    return zlib.crc32(json.dumps(info, sort_keys=True).encode("utf-8"))
+
+
+def _image_key(digest: bytes, pixels: int) -> bytes:
+    """What an image vector's checksum covers besides its data: its key and its pixel count."""
+    return digest + pixels.to_bytes(8, "little")
+
+
 def _text_key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
+
+
+class _PathKeys:
+    """The memo's key of a path, os.fsencode(os.path.abspath(path)), normalising each folder once: a walk gives
+    thousands of files per folder."""
+
+    def __init__(self) -> None:
+        self._cwd = os.getcwd()
+        self._folders: dict[str, bytes] = {}
+        self._encoding = sys.getfilesystemencoding()  # os.fsencode's, without its per-call checks
+
+    def __call__(self, path: str) -> bytes:
+        folder, _, name = path.rpartition(os.sep)
+        if name in ("", ".", "..") or path.startswith(2 * os.sep) or (os.altsep and os.altsep in path):
+            return os.fsencode(os.path.normpath(os.path.join(self._cwd, path)))
+        if not folder:
+            folder = os.sep if path.startswith(os.sep) else "."
+        key = self._folders.get(folder)
+        if key is None:
+            base = os.path.normpath(os.path.join(self._cwd, folder))
+            key = self._folders[folder] = os.fsencode(base if base.endswith(os.sep) else base + os.sep)
+        return key + name.encode(self._encoding, "surrogateescape")
 
 
 def _stat_key(state: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -522,6 +651,12 @@ def _int64(value: int) -> int:
 
 def _memo_crc(key: bytes, dev: int, ino: int, size: int, mtime: int, ctime: int, racy: int, digest: bytes) -> int:
     return zlib.crc32(key + struct.pack("<5qB", dev, ino, size, mtime, ctime, racy) + digest)
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write the index file and create its -wal and -shm files beside it."""
+    real = os.path.realpath(path)  # SQLite puts them beside the file a symbolic link leads to
+    return os.access(real, os.W_OK) and os.access(os.path.dirname(real), os.W_OK | os.X_OK)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -38,9 +38,11 @@ class Exclude:
     PATH argument it was found under (`raw/*.png`, `2023/*/drafts`), or its path as shown in the output
     (`photos/raw/*`). A pattern ending in '/' matches folders only (`cache/`). A dropped folder is not entered.
     Files named directly (PATH arguments, file lists) are matched by name and as given; a folder named directly is
-    always walked: it is where relative paths start."""
+    always walked: it is where relative paths start, unless `base` says where that folder lies under the folder the
+    patterns are relative to (clip eval's class folders: 'cat/raw/*' under DATASET)."""
 
     patterns: tuple[str, ...] = ()
+    base: str = ""  # '/'-separated, prefixed to the relative paths of a walk
 
     def __post_init__(self) -> None:
         for pattern in self.patterns:
@@ -51,6 +53,8 @@ class Exclude:
     def matches(self, name: str, relative: str, shown: str, is_dir: bool) -> bool:
         """True when `name` (the entry's own name), `relative` (its path under the walked PATH, '/'-separated) or
         `shown` (its path as found) matches a pattern."""
+        if self.base:
+            relative = f"{self.base}/{relative}"
         for pattern in self.patterns:
             folder_only = pattern.endswith("/")
             if folder_only and not is_dir:

@@ -190,12 +190,16 @@ def read_weights(weights: Path, text_only: bool = False) -> dict[str, torch.Tens
     listed = shard_map(weights)
     if not listed:
         return read_state_dict(weights, text_only)
+    # With text_only, only the shards that hold text-tower tensors are read (a shard may hold image tensors alone);
+    # OpenAI key names say nothing by prefix, so such a checkpoint is read whole.
+    text_only = text_only and not any(key.startswith("visual.") for key in listed)
+    wanted = {key for key in listed if not text_only or is_text_key(key)}
     state: dict[str, torch.Tensor] = {}
-    for name in sorted(set(listed.values())):
+    for name in sorted({listed[key] for key in wanted}):
         if not (weights.parent / name).is_file():
             raise UsageError(f"{weights}: shard {name} is missing; download or copy it beside the index")
         state.update(read_state_dict(weights.parent / name, text_only))
-    missing = sorted(set(listed) - set(state) if not text_only else {k for k in listed if is_text_key(k)} - set(state))
+    missing = sorted(wanted - set(state))
     if missing:
         raise UsageError(f"{weights}: '{missing[0]}' is listed but in none of the shards; download the shards again")
     return state
@@ -225,8 +229,14 @@ def read_tokenizer(files: ModelFiles, config: CLIPConfig) -> ClipTokenizer:
     context_length = config.text.max_position_embeddings
     directory = files.directory
     if directory is not None and any((directory / n).is_file() for n in ("tokenizer.json", "vocab.json")):
-        return ClipTokenizer.from_files(directory, context_length)
-    return ClipTokenizer.bundled(context_length)
+        tokenizer, source = ClipTokenizer.from_files(directory, context_length), f"the tokenizer in {directory}"
+    else:
+        tokenizer, source = ClipTokenizer.bundled(context_length), "OpenAI's CLIP tokenizer (the model has none)"
+    # Ids past the token embedding would fail inside the model on the first text (EOS, the largest, is in every one).
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise UsageError(f"{source} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{config.text.vocab_size}; the tokenizer and the weights belong to different models")
+    return tokenizer
 
 
 def read_preprocess(files: ModelFiles, config: CLIPConfig) -> PreprocessConfig:

@@ -56,12 +56,15 @@ class Layout:
 
     csv_columns: the CSV header (fixed; a failure row fills `path` and `error`, so both should be among them).
     csv_cells:   a record -> its CSV cells by column name (missing columns are empty); default: the record.
+    csv_lines:   a record -> the cells of each of its CSV lines, for a record that is several lines (a group of
+                 images, one line each); default: one line, csv_cells.
     table:       (records, width, color) -> the table's text; width None means one line per row however long
                  (files and pipes), a number the terminal's width to fit. Without it the format is refused.
     (The HTML report, -o NAME.html, is report.py's: it needs every row at once, with the images.)"""
 
     csv_columns: tuple[str, ...]
     csv_cells: Callable[[dict], dict[str, object]] = dict
+    csv_lines: Callable[[dict], list[dict[str, object]]] | None = None
     table: Callable[[list[dict], int | None, bool], str] | None = None
 
 
@@ -167,8 +170,11 @@ class RowWriter:
             item = "  " + _json(record, indent=2).replace("\n", "\n  ")  # as json.dumps(list, indent=2) writes
             first, self._count = self._count == 0, self._count + 1
             return ("[\n" if first else ",\n") + item
-        cells = record if "error" in record else self.layout.csv_cells(record)
-        return _csv_line([cells.get(column, "") for column in self.layout.csv_columns])
+        if "error" in record:
+            lines: list[dict[str, object]] = [record]
+        else:
+            lines = self.layout.csv_lines(record) if self.layout.csv_lines else [self.layout.csv_cells(record)]
+        return "".join(_csv_line([cells.get(column, "") for column in self.layout.csv_columns]) for cells in lines)
 
     def _emit(self, text: str) -> None:
         if not self._started:
@@ -190,6 +196,9 @@ class RowWriter:
             self._handle.write(text)
             if self._stream:
                 self._handle.flush()
+                from clipcli.process import note_streamed
+
+                note_streamed()
         except BrokenPipeError:
             raise  # whoever read the stream has stopped (`| head`): not a disk problem; the CLI exits quietly
         except OSError as err:
@@ -212,18 +221,17 @@ def classify_records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[s
                      min_score: float | None = None) -> list[dict]:
     """One dict per image: path, top-1 label and score, top_k [{label, score}], and scores for every label. With
     `min_score`, an image whose top score is below it gets label None (its score and scores are still given)."""
-    out = []
-    best = scoring.top_labels(probs, min_score)
-    for path, row, top in zip(paths, probs, best, strict=True):
-        order = np.argsort(-row, kind="stable")
-        out.append({
-            "path": display_path(path),
-            "label": labels[top] if top >= 0 else None,
-            "score": float(row[order[0]]),
-            "top": [{"label": labels[i], "score": float(row[i])} for i in order[:top_k]],
-            "scores": {label: float(p) for label, p in zip(labels, row, strict=True)},
-        })
-    return out
+    best = scoring.top_labels(probs, min_score).tolist()
+    # Sorted and turned into Python floats for the whole batch at once: per row, numpy calls cost more than the row.
+    orders = np.argsort(-probs, axis=1, kind="stable")[:, :top_k].tolist()
+    rows = probs.tolist()
+    return [{
+        "path": display_path(path),
+        "label": labels[top] if top >= 0 else None,
+        "score": row[order[0]],
+        "top": [{"label": labels[i], "score": row[i]} for i in order],
+        "scores": dict(zip(labels, row, strict=True)),
+    } for path, row, order, top in zip(paths, rows, orders, best, strict=True)]
 
 
 def failure_record(path: str, reason: str) -> dict:
@@ -270,6 +278,59 @@ def classify_table(records: list[dict], width: int | None, color: bool, score: s
 
 def _score_text(value: float, score: str) -> str:
     return f"{100 * value:.1f}%" if score == "prob" else f"{value:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------- search, duplicates
+
+
+SEARCH_CSV_COLUMNS = ("path", "score", "error")
+DUPLICATES_CSV_COLUMNS = ("group", "size", "min_score", "path")  # one line per image
+
+
+def search_records(hits: Sequence[tuple[str, float]]) -> list[dict]:
+    """One dict per (path, cosine), in the order given (best first): {"path", "score"}."""
+    return [{"path": display_path(path), "score": float(score)} for path, score in hits]
+
+
+def search_layout() -> Layout:
+    """search's rows: csv path,score,error; the table shows rank, score and path."""
+    return Layout(csv_columns=SEARCH_CSV_COLUMNS, csv_cells=lambda r: {"path": r["path"], "score": f"{r['score']:.6g}"},
+                  table=search_table)
+
+
+def search_table(records: list[dict], width: int | None, color: bool) -> str:
+    """rank, score (the cosine, 4 decimals) and path, one line per image (failures are on stderr)."""
+    hits = [r for r in records if "error" not in r]
+    rows = [[str(rank), f"{r['score']:.4f}", r["path"]] for rank, r in enumerate(hits, 1)]
+    return table_text(["rank", "score", "path"], rows, width, shorten=2, emphasis=1 if color else None, color=color)
+
+
+def duplicate_records(groups: Sequence[tuple[Sequence[str], float]]) -> list[dict]:
+    """One dict per group of near-duplicates, in the order given: {"paths": [...], "min_score": x}."""
+    return [{"paths": [display_path(path) for path in paths], "min_score": float(score)} for paths, score in groups]
+
+
+def duplicates_layout() -> Layout:
+    """duplicates' rows: json/jsonl one group per row; csv group,size,min_score,path and the table one line per
+    image (groups numbered from 1 in the order written)."""
+    numbers = iter(range(1, 1 << 62))
+
+    def lines(record: dict) -> list[dict[str, object]]:
+        number, size, score = next(numbers), len(record["paths"]), f"{record['min_score']:.6g}"
+        return [{"group": number, "size": size, "min_score": score, "path": path} for path in record["paths"]]
+
+    return Layout(csv_columns=DUPLICATES_CSV_COLUMNS, csv_lines=lines, table=duplicates_table)
+
+
+def duplicates_table(records: list[dict], width: int | None, color: bool) -> str:
+    """One line per image: its group's number on every line, the group's size and min score on its first."""
+    rows = []
+    for number, r in enumerate(records, 1):
+        for i, path in enumerate(r["paths"]):
+            first = i == 0
+            rows.append([str(number), str(len(r["paths"])) if first else "",
+                         f"{r['min_score']:.4f}" if first else "", path])
+    return table_text(["group", "size", "min score", "path"], rows, width, shorten=3, color=color)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -362,8 +423,12 @@ def _plain(line: str) -> str:
 _JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
+_ONE_LINE_JSON = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps with options makes one per call
+
+
 def _json(value: object, indent: int | None = None) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=indent).translate(_JSON_LINE_BREAKS)
+    text = json.dumps(value, ensure_ascii=False, indent=indent) if indent else _ONE_LINE_JSON.encode(value)
+    return text.translate(_JSON_LINE_BREAKS) if not text.isascii() else text
 
 
 def check_writable(path: Path, stream_ok: bool = True) -> None:
@@ -536,15 +601,19 @@ def render_plan(steps: Sequence[Step], score: str = "prob") -> str:
 
 # ---------------------------------------------------------------------------------------------- clip eval
 
-EVAL_FORMATS = ("table", "csv", "json")
+EVAL_FORMATS = ("table", "csv", "json", "jsonl")
 
 
-def render_eval(summary: dict, fmt: str) -> str:
-    """`clip eval`'s result (evaluate.Metrics.to_json() plus "errors") as text in `fmt` (table, csv or json).
+def render_eval(summary: dict, fmt: str, width: int | None = None) -> str:
+    """`clip eval`'s result (evaluate.Metrics.to_json() plus "errors") as text in `fmt` (table, csv, json, or jsonl:
+    the json object on one line).
 
     csv: one row per true class (label, images, recall, precision) and its confusion-matrix row as one
-    `predicted:<label>` column per label; an undefined figure is an empty cell (json: null; table: -)."""
+    `predicted:<label>` column per label; an undefined figure is an empty cell (json: null; table: -). `width`: the
+    terminal's, which the table then fits (None: files and pipes)."""
     labels: list[str] = summary["labels"]
+    if fmt == "jsonl":
+        return _json(summary) + "\n"
     if fmt == "json":
         # Indented, with each confusion-matrix row on one line so that the matrix reads as one.
         marker = "\0confusion\0"
@@ -561,7 +630,7 @@ def render_eval(summary: dict, fmt: str) -> str:
                              _figure(summary["per_class_precision"][label], ""), *row])
         return buffer.getvalue()
     if fmt == "table":
-        return _eval_table(summary)
+        return _eval_table(summary, width)
     raise UsageError(f"unknown format '{fmt}'; use one of {', '.join(EVAL_FORMATS)}")
 
 
@@ -569,11 +638,14 @@ def _figure(value: float | None, missing: str = "-") -> str:
     return missing if value is None else f"{value:.4f}"
 
 
-def _eval_table(summary: dict) -> str:
+def _eval_table(summary: dict, width: int | None = None) -> str:
     """Metrics, then one line per class, then the confusion matrix (classes numbered) when it fits in 30 columns.
-    Every row is one line: labels have line breaks and control characters escaped and are cut at 40 characters."""
+    Every row is one line: labels have line breaks and control characters escaped and are cut at 40 characters. With
+    a terminal `width`, labels are cut further to fit it, the matrix is left out when it cannot fit, and any line
+    still too long is cut."""
     labels: list[str] = summary["labels"]
-    shown = [_cut(display_line(label), 40) for label in labels]
+    limit = 40 if width is None else max(5, min(40, width - 27))  # 27: the class table's other columns
+    shown = [_cut(display_line(label), limit) for label in labels]
     with_images = sum(1 for label in labels if summary["support"][label])
     lines = [
         f"{'images':<23}{summary['n']} in {len(labels)} classes",
@@ -583,24 +655,32 @@ def _eval_table(summary: dict) -> str:
         f"  (over the {with_images} classes with images)",
         "",
     ]
-    width = max([5, *(len(label) for label in shown)])
-    lines.append(f"{'class':<{width}}  {'images':>6}  {'recall':>6}  {'precision':>9}")
+    column = max([5, *(len(label) for label in shown)])
+    lines.append(f"{'class':<{column}}  {'images':>6}  {'recall':>6}  {'precision':>9}")
     for label, name in zip(labels, shown, strict=True):
-        lines.append(f"{name:<{width}}  {summary['support'][label]:>6}  "
+        lines.append(f"{name:<{column}}  {summary['support'][label]:>6}  "
                      f"{_figure(summary['per_class_recall'][label]):>6}  "
                      f"{_figure(summary['per_class_precision'][label]):>9}")
     lines.append("")
     matrix = summary["confusion_matrix"]
-    if len(labels) > 30:
-        lines.append(f"confusion matrix: {len(labels)} x {len(labels)}, too wide for a table; see --format json "
-                     "or --output report.html")
-        return "\n".join(lines) + "\n"
     cell = max([len(str(len(labels))), *(len(str(value)) for row in matrix for value in row)]) + 1
-    lead = len(str(len(labels))) + 1 + width
-    lines.append("confusion matrix (rows: true class, columns: predicted class)")
-    lines.append(" " * lead + "".join(f"{number:>{cell}}" for number in range(1, len(labels) + 1)))
-    for number, (name, row) in enumerate(zip(shown, matrix, strict=True), 1):
-        lines.append(f"{number:>{len(str(len(labels)))}} {name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    digits = len(str(len(labels)))
+    if width is not None:  # the matrix's labels get what room is left beside its cells
+        room = width - digits - 1 - cell * len(labels)
+        shown = [_cut(name, room) for name in shown] if room >= 5 else []
+        column = max([0, *(len(name) for name in shown)])
+    if len(labels) > 30 or (width is not None and not shown):
+        lines.append(f"confusion matrix: {len(labels)} x {len(labels)}, too wide for a "
+                     f"{'table' if width is None else 'terminal this wide'}; see --format json or --output "
+                     "report.html")
+    else:
+        lead = digits + 1 + column
+        lines.append("confusion matrix (rows: true class, columns: predicted class)")
+        lines.append(" " * lead + "".join(f"{number:>{cell}}" for number in range(1, len(labels) + 1)))
+        for number, (name, row) in enumerate(zip(shown, matrix, strict=True), 1):
+            lines.append(f"{number:>{digits}} {name:<{column}}" + "".join(f"{v:>{cell}}" for v in row))
+    if width is not None:
+        lines = [line if len(line) <= width else _cut(line, width) for line in lines]
     return "\n".join(lines) + "\n"
 
 

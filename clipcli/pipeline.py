@@ -19,9 +19,16 @@ import numpy as np
 
 from clipcli import scoring
 from clipcli.errors import InputError, OptionError, UsageError, os_reason
-from clipcli.index import FileRecord, Index, Variant, content_digest
+from clipcli.index import FileRecord, Index, StoredImage, Variant, content_digest
 from clipcli.inputs import Failure
-from clipcli.preprocess import PreprocessConfig, decode_image, preprocess, read_image_file
+from clipcli.preprocess import (
+    PreprocessConfig,
+    check_size_limit,
+    decode_image,
+    preprocess,
+    read_image_file,
+    source_pixels,
+)
 from clipcli.resolve import DEFAULT_MODEL, ModelFiles, resolve
 
 if TYPE_CHECKING:
@@ -253,7 +260,7 @@ class Session:
         Entries the index has (by path and stat, without reading the file; else by content) are not computed; the
         rest are decoded by `workers` threads and run through the model in batches of exactly batch_size (the last
         may be smaller), each batch stored as it completes. A batch is yielded as soon as it is complete."""
-        stored: dict[str, np.ndarray] = {}
+        stored: dict[str, np.ndarray | Failure] = {}
         known: dict[str, bytes] = {}
         variant = self.variant
         if self.index is not None and variant is not None:
@@ -265,9 +272,9 @@ class Session:
                     continue  # reported when it is read
             known = self.index.known_digests(states)
             found = self.index.image_features(variant, set(known.values()))
-            stored = {path: found[digest] for path, digest in known.items() if digest in found}
+            stored = {path: _stored(path, found[digest]) for path, digest in known.items() if digest in found}
         todo = [path for path in paths if path not in stored]
-        computed = self._computed(todo, known, variant)
+        computed = self._computed(todo, variant)
         ready: deque[tuple[str, np.ndarray | Failure]] = deque()
         batch_paths: list[str] = []
         rows: list[np.ndarray] = []
@@ -306,51 +313,51 @@ class Session:
         if batch_paths or failures:
             yield flush()
 
-    def _computed(self, todo: list[str], known: dict[str, bytes], variant: Variant | None,
-                  ) -> Iterator[list[tuple[str, np.ndarray | Failure]]]:
+    def _computed(self, todo: list[str], variant: Variant | None) -> Iterator[list[tuple[str, np.ndarray | Failure]]]:
         """Features (or failures) for `todo`, in order, a stretch at a time; see image_features."""
-        settings = self.settings
-        pending: list[tuple[int, np.ndarray, bytes | None, FileRecord | None]] = []  # (slot, pixels, digest, memo)
-        results: list[tuple[str, np.ndarray | Failure | None]] = []  # None: waits for the model
-        released = 0
+        waiting: list[_Work] = []  # decoded, until a batch is full
+        queue: deque[_Work] = deque()  # in order; handed out once it and everything before it is done
 
         def run_model() -> None:
-            features = self.clip.image_features([pixels for _, pixels, _, _ in pending])
-            self.computed_images += len(pending)
-            for (slot, _, _, _), row in zip(pending, features, strict=True):
-                results[slot] = (results[slot][0], row)
+            features = self.clip.image_features([work.pixels for work in waiting])
+            self.computed_images += len(waiting)
+            rows = [(work.digest, row, work.pixel_count) for work, row in zip(waiting, features, strict=True)
+                    if work.digest]
+            for work, row in zip(waiting, features, strict=True):
+                work.result = row
             if self.index is not None and variant is not None:
-                rows = [(digest, row) for (_, _, digest, _), row in zip(pending, features, strict=True) if digest]
-                self.index.add_image_features(variant, rows, [memo for *_, memo in pending if memo is not None])
-            pending.clear()
+                self.index.add_image_features(variant, rows, [w.memo for w in waiting if w.memo is not None])
+            waiting.clear()
 
-        with ThreadPoolExecutor(max_workers=settings.workers or default_workers(),
+        def done() -> list[tuple[str, np.ndarray | Failure]]:
+            released = []
+            while queue and not isinstance(queue[0].result, _Pixels):
+                work = queue.popleft()
+                released.append((work.path, work.outcome))
+            return released
+
+        with ThreadPoolExecutor(max_workers=self.settings.workers or default_workers(),
                                 thread_name_prefix="clip-decode") as pool:
-            for chunk in self._prepared(pool, todo, known, variant):
-                memos = []
-                for path, item, digest, memo in chunk:
-                    if isinstance(item, _Pixels):
-                        pending.append((len(results), item.pixels, digest, memo))
-                        results.append((path, None))
-                        if len(pending) == settings.batch_size:
+            for stretch in self._prepared(pool, todo, variant):
+                queue.extend(stretch)
+                for work in stretch:
+                    if isinstance(work.result, _Pixels):
+                        waiting.append(work)
+                        if len(waiting) == self.settings.batch_size:
                             run_model()
-                    else:
-                        results.append((path, item))
-                        if memo is not None and not isinstance(item, Failure):
-                            memos.append(memo)  # found by content: a moved or copied file
-                if memos and self.index is not None:
-                    self.index.remember_files(memos)
-                end = next((i for i in range(released, len(results)) if results[i][1] is None), len(results))
-                if end > released:
-                    yield [(p, r) for p, r in results[released:end]]  # type: ignore[misc]
-                    released = end
-            if pending:
+                # Found by content (a moved or copied file): remember its path and stat for the next run.
+                moved = [w.memo for w in stretch if w.memo is not None and isinstance(w.result, np.ndarray)]
+                if moved and self.index is not None:
+                    self.index.remember_files(moved)
+                if released := done():
+                    yield released
+            if waiting:
                 run_model()
-            if len(results) > released:
-                yield [(p, r) for p, r in results[released:]]  # type: ignore[misc]
+            if released := done():
+                yield released
 
-    def _prepared(self, pool: ThreadPoolExecutor, todo: list[str], known: dict[str, bytes], variant: Variant | None,
-                  ) -> Iterator[list[tuple[str, np.ndarray | _Pixels | Failure, bytes | None, FileRecord | None]]]:
+    def _prepared(self, pool: ThreadPoolExecutor, todo: list[str], variant: Variant | None,
+                  ) -> Iterator[list[_Work]]:
         """Stretches of batch_size paths read, hashed, looked up and (the misses) decoded by the pool. On an
         accelerator the next two stretches are prepared while the model runs; on CPU the model has every core, so
         each stretch is prepared when it is needed (measured faster on 2 cores, benchmarks/README.md)."""
@@ -360,13 +367,13 @@ class Session:
         ahead = self.settings.ahead if self.settings.ahead is not None else 0 if self._device_type == "cpu" else 2
         if ahead == 0:
             for chunk in chunks:
-                yield self._prepare(pool, chunk, known, variant)
+                yield self._prepare(pool, chunk, variant)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-ahead") as background:
             queued: deque[Future] = deque()
             try:
                 for chunk in chunks:
-                    queued.append(background.submit(self._prepare, pool, chunk, known, variant))
+                    queued.append(background.submit(self._prepare, pool, chunk, variant))
                     if len(queued) > ahead:
                         yield queued.popleft().result()
                 while queued:
@@ -375,50 +382,83 @@ class Session:
                 for future in queued:
                     future.cancel()
 
-    def _prepare(self, pool: ThreadPoolExecutor, chunk: list[str], known: dict[str, bytes], variant: Variant | None,
-                 ) -> list[tuple[str, np.ndarray | _Pixels | Failure, bytes | None, FileRecord | None]]:
+    def _prepare(self, pool: ThreadPoolExecutor, chunk: list[str], variant: Variant | None) -> list[_Work]:
+        """One stretch: read (and hash, with an index) every file, look the new digests up, decode the misses."""
         hashing = self.index is not None and variant is not None
         # Largest files first: the stretch is done when its slowest image is, so a big photo should not start last
         # while the other threads idle (measured about 1.5% faster on mixed photo sizes).
         order = sorted(range(len(chunk)), key=lambda i: _file_size(chunk[i]), reverse=True)
-        reads = {i: pool.submit(_read, chunk[i], hashing and chunk[i] not in known) for i in order}
-        items: list = []
-        for i, path in enumerate(chunk):
-            read = reads[i].result()
-            if isinstance(read, Failure):
-                items.append([path, read, None, None])
-            else:
-                data, digest, memo = read
-                items.append([path, data, digest or known.get(path), memo])
-        found = {}
+        # Hashed even when the stat memo knows the digest: the file may have changed since it was stat'ed, and
+        # features must be stored under the digest of the bytes they were computed from.
+        reads = {i: pool.submit(_read, chunk[i], hashing) for i in order}
+        stretch = [reads[i].result() for i in range(len(chunk))]
         if hashing and self.index is not None and variant is not None:
-            new = [item[2] for item in items if item[3] is not None]
-            found = self.index.image_features(variant, new) if new else {}
-        misses = [item for item in items if not isinstance(item[1], Failure) and item[2] not in found]
+            hashed = [work.digest for work in stretch if work.memo is not None and work.digest is not None]
+            found = self.index.image_features(variant, hashed) if hashed else {}
+            for work in stretch:
+                if work.digest in found:
+                    work.result = _stored(work.path, found[work.digest])
+        misses = [work for work in stretch if work.result is None]
         if misses:
             config = self.clip.preprocess
             draft = config.draft_size if self.settings.fast_decode else None
-            decoded = {id(item): pool.submit(_decode, item[1], config, draft) for item in sorted(
-                misses, key=lambda item: len(item[1]), reverse=True)}
-            for item in misses:
-                item[1] = decoded[id(item)].result()
-                if isinstance(item[1], str):
-                    item[1] = Failure(item[0], item[1])
-        for item in items:
-            if not isinstance(item[1], (Failure, _Pixels)):
-                item[1] = found[item[2]]
-        return [tuple(item) for item in items]
+            decoded = {id(work): pool.submit(_decode, work, config, draft)
+                       for work in sorted(misses, key=lambda work: len(work.data or b""), reverse=True)}
+            for work in misses:
+                work.result = decoded[id(work)].result()
+        for work in stretch:
+            work.data = None  # the bytes are done with
+        return stretch
+
+
+@dataclass(eq=False)
+class _Work:
+    """One image on its way through a stretch: read (and hashed), then found in the index or decoded for the
+    model, then its features; or the reason it failed."""
+
+    path: str
+    data: bytes | None = None
+    digest: bytes | None = None
+    memo: FileRecord | None = None  # stat memo entry to store: the file was read and hashed now
+    result: np.ndarray | _Pixels | Failure | None = None  # features, pixels waiting for the model, or why not
+
+    @property
+    def pixels(self) -> np.ndarray:
+        assert isinstance(self.result, _Pixels)
+        return self.result.pixels
+
+    @property
+    def outcome(self) -> np.ndarray | Failure:
+        assert isinstance(self.result, (np.ndarray, Failure))
+        return self.result
+
+
+    @property
+    def pixel_count(self) -> int:
+        assert isinstance(self.result, _Pixels)
+        return self.result.count
 
 
 @dataclass(frozen=True)
 class _Pixels:
-    """A decoded image waiting for the model: (3, H, W) float32."""
+    """A decoded image waiting for the model: (3, H, W) float32, and the image's pixel count as stored."""
 
     pixels: np.ndarray
+    count: int
 
 
-def _read(path: str, hashing: bool) -> tuple[bytes, bytes | None, FileRecord | None] | Failure:
-    """The file's bytes, and when `hashing`, their digest and the stat memo entry to store."""
+def _stored(path: str, entry: StoredImage) -> np.ndarray | Failure:
+    """An image's features from the index, or the failure decoding it would give now (the size limit)."""
+    features, pixels = entry
+    try:
+        check_size_limit(pixels)
+    except InputError as err:
+        return Failure(path, str(err))
+    return features
+
+
+def _read(path: str, hashing: bool) -> _Work:
+    """The file's bytes, and when `hashing`, their digest and the stat memo entry to store; or why it failed."""
     seen = time.time_ns()
     state = None
     if hashing:
@@ -429,18 +469,19 @@ def _read(path: str, hashing: bool) -> tuple[bytes, bytes | None, FileRecord | N
     try:
         data = read_image_file(path)
     except InputError as err:
-        return Failure(path, str(err))
+        return _Work(path, result=Failure(path, str(err)))
     if not hashing:
-        return data, None, None
+        return _Work(path, data)
     digest = content_digest(data)
-    return data, digest, None if state is None else FileRecord(path, state, digest, seen)
+    return _Work(path, data, digest, None if state is None else FileRecord(path, state, digest, seen))
 
 
-def _decode(data: bytes, config: PreprocessConfig, draft: int | None) -> _Pixels | str:
+def _decode(work: _Work, config: PreprocessConfig, draft: int | None) -> _Pixels | Failure:
+    assert work.data is not None
     try:
-        return _Pixels(preprocess(decode_image(data, draft), config))
+        return _Pixels(preprocess(decode_image(work.data, draft), config), source_pixels(work.data))
     except InputError as err:
-        return str(err)
+        return Failure(work.path, str(err))
 
 
 def _file_size(path: str) -> int:
@@ -568,6 +609,9 @@ def index_images(session: Session, paths: Sequence[str], progress: Progress | No
     """Make sure the index holds every image's features for the session's model; count what that took."""
     if session.index is None or session.variant is None:
         raise UsageError("the index cannot be used (see the warning above); nothing was indexed")
+    if session.index.read_only:
+        raise UsageError(f"the index {session.index.path} cannot be written (read-only); nothing was indexed; give "
+                         "--index a file you may write")
     states = []
     for path in paths:
         try:

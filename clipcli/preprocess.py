@@ -404,11 +404,41 @@ def _unidentified_reason(file: Any) -> str:
     return "not an image file"
 
 
+def source_pixels(data: bytes) -> int:
+    """Width x height of an image file's first frame as stored (its header only): what the size limit is about.
+
+    For an image that decode_image has read; 0 when it cannot be told."""
+    try:
+        _ensure_decoder(io.BytesIO(data))
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.width * image.height
+    except Exception:  # the limit then cannot apply to it; decoding already accepted the image
+        return 0
+
+
+def check_size_limit(pixels: int) -> None:
+    """InputError when an image of `pixels` pixels is beyond the decompression-bomb limit, as decoding it would be:
+    for an image whose features come from the index, so a run gives the same failures with the index or without."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and pixels > limit:
+        raise InputError(_too_large(pixels))
+
+
+PILLOW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default (about 89.5 megapixels)
+
+
 def set_max_megapixels(megapixels: float | None) -> None:
     """Set Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) that decoding reads; None: no limit.
 
     Process-wide, like the limit itself: for a program to call once (the CLI's --max-megapixels), never a library."""
     Image.MAX_IMAGE_PIXELS = None if megapixels is None else max(1, int(megapixels * 1_000_000))
+
+
+def reset_max_megapixels() -> None:
+    """Pillow's default limit again (a command without --max-megapixels, after one with it in the same process)."""
+    Image.MAX_IMAGE_PIXELS = PILLOW_MAX_PIXELS
 
 
 def _too_large(pixels: int | None) -> str:

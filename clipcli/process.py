@@ -28,7 +28,47 @@ FLAGS = {"device": "--device", "dtype": "--dtype", "batch_size": "--batch-size",
          "output": "--output", "fmt": "--format", "index": "--index", "top_k": "--top-k", "score": "--score",
          "min_score": "--min-score", "into": "--into", "undo": "--undo", "class_names": "--class-names",
          "dataset": "DATASET", "exclude": "--exclude", "files_from": "--files-from",
-         "max_megapixels": "--max-megapixels"}
+         "max_megapixels": "--max-megapixels", "query": "QUERY", "query_image": "query image",
+         "subtract": "--subtract", "threshold": "--threshold"}
+
+
+# Process-wide facts about the standard streams, for the messages that end a run (this module is the program's).
+_stdout_closed = False  # the shell started us with stdout closed (`>&-`): results have nowhere to go
+_streamed = False  # part of this command's results went out on a stream (stdout, a pipe): an interrupt cuts them
+_kept: str | None = None  # what an interrupted run of this command keeps, when its work is not an output file
+
+
+def guard_standard_streams() -> None:
+    """Point a standard stream that was closed at start (`<&-`, `>&-`, `2>&-`) at /dev/null, so that no file this
+    process opens takes its descriptor number, `-` reads as empty and messages never land among results; a closed
+    stdout is remembered, and writing results to it is a usage error (write_stdout). Once, at program start."""
+    global _stdout_closed
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        devnull = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if devnull != fd:  # the lowest free number: fd itself, unless a lower one is closed too
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8",  # noqa: SIM115
+                                errors="backslashreplace", closefd=False))
+        if fd == 1:
+            _stdout_closed = True
+
+
+def note_kept(what: str) -> None:
+    """This command's work is kept as it goes (`clip index`): an interrupted run says so, not "no output"."""
+    global _kept
+    _kept = what
+
+
+def note_streamed() -> None:
+    """Results have started to go out on a stream: an interrupted run says they are incomplete."""
+    global _streamed
+    _streamed = True
 
 
 def eprint(message: str) -> None:
@@ -157,7 +197,9 @@ def handle_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: object, **kwargs: object) -> None:
+        global _streamed, _kept
         debug = bool(kwargs.get("debug"))
+        _streamed, _kept = False, None
         try:
             with warnings.catch_warnings():
                 if not debug:
@@ -172,10 +214,10 @@ def handle_errors(command: Callable) -> Callable:
             eprint(f"error: {err}")
             raise typer.Exit(EXIT_SOME_FAILED) from None
         except KeyboardInterrupt:
-            eprint("interrupted; no output was written")
+            eprint(f"interrupted; {_what_was_written()}")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Terminated:
-            eprint("terminated; no output was written")
+            eprint(f"terminated; {_what_was_written()}")
             raise typer.Exit(EXIT_TERMINATED) from None
         except BrokenPipeError:
             # The reader of our output went away (`clip ... | head`): stop quietly with 128 + SIGPIPE, as a shell
@@ -186,10 +228,20 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _what_was_written() -> str:
+    # Files are written whole or not at all; rows streamed to stdout before the interrupt are out there.
+    if _kept is not None:
+        return _kept
+    return "the results written so far are incomplete" if _streamed else "no output was written"
+
+
 def write_stdout(text: str) -> None:
     """All of `text` to stdout, flushed. An unbuffered stdout (python -u, PYTHONUNBUFFERED) takes one write() call
     per write, which a pipe may only partly accept (its reader quit mid-way): loop until all is written or the
     reader's departure raises BrokenPipeError, instead of dropping the rest silently."""
+    if _stdout_closed:
+        raise UsageError("stdout is closed, so the results have nowhere to go; redirect it (> FILE) or pass -o FILE")
+    note_streamed()
     sys.stdout.flush()
     buffer = getattr(sys.stdout, "buffer", None)
     if buffer is None:

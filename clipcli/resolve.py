@@ -27,6 +27,8 @@ ALIASES = {
     "ViT-L-14": "openai/clip-vit-large-patch14",
     "ViT-L-14-336": "openai/clip-vit-large-patch14-336",
 }
+_WHAT_TO_PASS = (f"pass a Hugging Face CLIP directory, an OpenAI-format .pt file, a Hub id such as {DEFAULT_MODEL} "
+                 f"or one of {', '.join(ALIASES)} (`clip models` lists what is cached)")
 
 
 def alias_target(spec: str) -> str | None:
@@ -51,6 +53,8 @@ class ModelFiles:
 
 def resolve(spec: str, offline: bool = False) -> ModelFiles:
     """Local directory, local file, or Hub id (cache first, then download unless offline) -> ModelFiles."""
+    if not spec.strip():
+        raise UsageError("the model name is empty; " + _WHAT_TO_PASS)
     path = Path(spec).expanduser()
     if path.is_dir():
         return ModelFiles(spec, _check_directory(path), None)
@@ -64,12 +68,10 @@ def resolve(spec: str, offline: bool = False) -> ModelFiles:
         raise UsageError(f"model '{spec}' is neither a regular file nor a directory")
     target = alias_target(spec)
     if target is not None:
-        return ModelFiles(spec, _hub_snapshot(target, offline), None)
+        return ModelFiles(spec, _hub_snapshot(target, offline, f"'{spec}' ({target})"), None)
     looks_local = spec.startswith((".", "/", "~")) or spec.endswith(CHECKPOINT_SUFFIXES) or spec.count("/") > 1
     if looks_local or not _HUB_ID.fullmatch(spec):
-        raise UsageError(f"model '{spec}' not found: no such file or directory; pass a Hugging Face CLIP "
-                         "directory, an OpenAI-format .pt file, a Hub id such as " + DEFAULT_MODEL
-                         + f" or one of {', '.join(ALIASES)} (`clip models` lists what is cached)")
+        raise UsageError(f"model '{spec}' not found: no such file or directory; " + _WHAT_TO_PASS)
     return ModelFiles(spec, _hub_snapshot(spec, offline), None)
 
 
@@ -103,18 +105,21 @@ def _check_directory(directory: Path) -> Path:
     return directory
 
 
-def _hub_snapshot(repo_id: str, offline: bool) -> Path:
-    """The local snapshot folder of a Hub repo holding config.json, one weights file and the optional files."""
+def _hub_snapshot(repo_id: str, offline: bool, shown: str | None = None) -> Path:
+    """The local snapshot folder of a Hub repo holding config.json, one weights file and the optional files.
+    `shown`: how messages name the model (an alias with its Hub id), else 'repo_id'."""
     import huggingface_hub
     from huggingface_hub import constants, errors
 
     cached = _cached_snapshot(repo_id)
     if cached is not None:
         return cached
+    shown = shown or f"'{repo_id}'"
     how = ("connect to the internet once so it can be downloaded into the Hugging Face cache, or pass "
            "--model with a local CLIP directory or OpenAI .pt file (`clip convert-weights` makes one)")
     if offline or constants.HF_HUB_OFFLINE:
-        raise UsageError(f"model '{repo_id}' is not in the local Hugging Face cache and offline mode is on; {how}")
+        raise UsageError(f"model {shown} is not in the local Hugging Face cache and offline mode is "
+                         f"on; {how}")
     quiet = logging.getLogger("huggingface_hub")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its retry warnings would break our one-line error rule
@@ -139,13 +144,13 @@ def _hub_snapshot(repo_id: str, offline: bool) -> Path:
             except errors.EntryNotFoundError:
                 pass
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as err:
-        raise UsageError(f"model '{repo_id}' is not available on the Hugging Face Hub "
+        raise UsageError(f"model {shown} is not available on the Hugging Face Hub "
                          f"({type(err).__name__}); check the id, or log in with `hf auth login` for a gated "
                          "repo") from None
     except UsageError:
         raise
     except Exception as err:  # network failures surface as many types (httpx, OSError, LocalEntryNotFoundError)
-        raise UsageError(f"model '{repo_id}' is not in the local Hugging Face cache and the Hub cannot be "
+        raise UsageError(f"model {shown} is not in the local Hugging Face cache and the Hub cannot be "
                          f"reached ({type(err).__name__}); {how}") from None
     finally:
         quiet.setLevel(level)

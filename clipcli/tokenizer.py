@@ -96,7 +96,7 @@ def _read_vocab_and_merges(directory: Path) -> tuple[dict[str, int], list[tuple[
     lines = lines[1:] if lines and lines[0].startswith("#version") else lines  # only this header, as `tokenizers`
     vocab = read_json(source, _REFETCH)
     if not isinstance(vocab, dict):
-        raise UsageError(f"{source}: not a vocabulary (expected a JSON object); {_REFETCH}")
+        raise UsageError(f"{source}: not a CLIP vocabulary (expected a JSON object); {_REFETCH}")
     return vocab, _parse_merges([line for line in lines if line], merges_file), source
 
 
@@ -143,6 +143,11 @@ class ClipTokenizer:
         tokens = [*symbols, *(s + "</w>" for s in symbols), *(a + b for a, b in merges), BOS, EOS]
         vocab = {token: index for index, token in enumerate(tokens)}
         return cls(_build_backend(vocab, merges, "bundled bpe_simple_vocab_16e6.txt.gz"), context_length)
+
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id this tokenizer can produce: the token embedding rows a model needs."""
+        return max(self._backend.get_vocab(with_added_tokens=True).values()) + 1
 
     @property
     def bos_token_id(self) -> int:

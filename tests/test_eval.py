@@ -224,6 +224,36 @@ def test_table_and_csv_say_what_json_says(tiny_model_dir, dataset):
         assert [int(v) for v in row[4:]] == matrix_row
 
 
+@pytest.mark.parametrize("columns", [32, 200])
+def test_table_fits_the_terminal(tiny_model_dir, dataset, columns):
+    # cli-contract.md, Output files and streams: the table fits the terminal's width when stdout is one.
+    from rich.cells import cell_len
+
+    from tests.test_io import needs_installed, run_in_terminal
+
+    needs_installed()
+    lines = run_in_terminal(eval_args(dataset, tiny_model_dir), columns, dataset.root)
+    assert lines and all(cell_len(line) <= columns for line in lines), [cell_len(line) for line in lines]
+    assert lines[1].startswith("acc1") and any(line.startswith(("small boat", "smal…")) for line in lines)
+    assert any(line.startswith("confusion matrix") for line in lines)
+    assert any("…" in line for line in lines) == (columns == 32)
+
+
+def test_a_confusion_matrix_wider_than_the_terminal_is_left_to_other_formats():
+    from clipcli.evaluate import compute_metrics
+    from clipcli.output import render_eval
+
+    labels = [f"class number {i}" for i in range(12)]
+    scores = np.eye(12)[[i % 12 for i in range(30)]]
+    summary = {**compute_metrics(scores, np.arange(30) % 12, labels).to_json(), "errors": []}
+    narrow = render_eval(summary, "table", width=30).splitlines()
+    assert all(len(line) <= 30 for line in narrow)
+    assert any(line.startswith("confusion matrix: 12 x 12") for line in narrow)
+    wide = render_eval(summary, "table", width=120).splitlines()
+    assert any(line.startswith("confusion matrix (rows") for line in wide) and max(map(len, wide)) <= 120
+    assert render_eval(summary, "table") == render_eval(summary, "table", width=None)  # files: nothing cut
+
+
 def test_output_file_is_written_whole(tiny_model_dir, dataset, tmp_path):
     target = tmp_path / "metrics.json"
     result = invoke(*eval_args(dataset, tiny_model_dir, "-f", "json", "-o", target))
@@ -264,6 +294,31 @@ def test_unreadable_images_are_reported_and_the_rest_evaluated(tiny_model_dir, t
     assert got["errors"] == [{"path": f"{root}/dog/broken.jpg", "error": "not an image file"}]
 
 
+def test_exclude_and_max_megapixels_apply_to_the_dataset(tiny_model_dir, tmp_path, monkeypatch):
+    # cli-contract.md, Inputs: --exclude drops files and folders during the walk (patterns as for every command: a
+    # name, or a path under DATASET); a class folder it drops is no class. --max-megapixels lets large images in.
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # --max-megapixels sets it process-wide
+    root = tmp_path / "data"
+    sample_images(root / "cat", 2)
+    sample_images(root / "dog" / "raw", 2)
+    sample_images(root / "dog", 1)
+    sample_images(root / "drafts", 1)
+    (root / "cat" / "x.tmp.png").write_bytes((root / "cat" / "img00.png").read_bytes())
+    Image.new("RGB", (3000, 2000), (10, 200, 30)).save(root / "cat" / "wide.png")  # 6 megapixels
+    result = invoke("eval", root, "-m", tiny_model_dir, "-f", "json", "--exclude", "*.tmp.png", "--exclude",
+                    "dog/raw/", "--exclude", "drafts", "--max-megapixels", "1")
+    assert result.exit_code == 1, (result.stderr, result.exception)
+    got = json.loads(result.stdout)
+    assert got["labels"] == ["cat", "dog"] and got["support"] == {"cat": 2, "dog": 1}
+    assert [row["path"] for row in got["errors"]] == [f"{root}/cat/wide.png"]
+    larger = invoke("eval", root, "-m", tiny_model_dir, "-f", "json", "--exclude", "*.tmp.png", "--exclude",
+                    "dog/raw/", "--exclude", "drafts", "--max-megapixels", "10")
+    assert larger.exit_code == 0, (larger.stderr, larger.exception)
+    assert json.loads(larger.stdout)["support"] == {"cat": 3, "dog": 1}
+
+
 @pytest.mark.parametrize(("setup", "args", "fragments"), [
     ("none", [], ["DATASET", "does not exist"]),
     ("file", [], ["is not a folder", "one subfolder of images per class"]),
@@ -293,7 +348,27 @@ def test_usage_errors(tiny_model_dir, tmp_path, setup, args, fragments):
 
 
 def test_format_must_be_one_eval_has(tiny_model_dir, dataset):
-    assert_click_usage_error(invoke(*eval_args(dataset, tiny_model_dir, "-f", "jsonl")), "jsonl")
+    assert_click_usage_error(invoke(*eval_args(dataset, tiny_model_dir, "-f", "yaml")), "yaml")
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("m.json", "json"), ("m.JSONL", "jsonl"), ("m.csv", "csv"),
+                                           ("m.txt", "table")])
+def test_the_output_name_picks_the_format(tiny_model_dir, dataset, tmp_path, name, fmt):
+    # As for classify and search (cli-contract.md, "Output files and streams"): without --format, -o's extension
+    # chooses; jsonl is the json object on one line.
+    want = invoke(*eval_args(dataset, tiny_model_dir, "-f", fmt)).stdout
+    result = invoke(*eval_args(dataset, tiny_model_dir, "-o", tmp_path / name))
+    assert result.exit_code == 0 and result.stdout == "", (result.stderr, result.exception)
+    assert (tmp_path / name).read_text() == want
+    if fmt == "jsonl":
+        assert want.count("\n") == 1 and json.loads(want) == json.loads(
+            invoke(*eval_args(dataset, tiny_model_dir, "-f", "json")).stdout)
+
+
+def test_a_format_that_contradicts_the_output_name_is_refused(tiny_model_dir, dataset, tmp_path):
+    assert_usage_error(invoke(*eval_args(dataset, tiny_model_dir, "-o", tmp_path / "m.json", "-f", "csv")),
+                       "--format", "m.json")
+    assert not (tmp_path / "m.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

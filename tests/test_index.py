@@ -24,7 +24,7 @@ from PIL import Image
 from clipcli import index as index_module
 from clipcli import loader
 from tests.conftest import make_hf_checkpoint, photo
-from tests.test_cli import clip_command, clip_env, invoke
+from tests.test_cli import clip_command, clip_env, interrupt, invoke
 
 LABELS = "cat,dog,red car"
 
@@ -132,6 +132,16 @@ def test_a_warm_run_needs_no_model_and_reads_no_image(tiny_model_dir, folder, tm
     assert reads == [] and calls == before  # stat memo + stored features and prompts: no model, no bytes
 
 
+@pytest.mark.parametrize("path", ["a.jpg", "/y.png", "./a.jpg", "sub/a.jpg", "sub//a.jpg", "/abs/x/y.png",
+                                  "../up/z.jpg", "sub/./a.jpg", "a/b/../c.jpg", "caf\udce9.jpg", "dir/", "//x.jpg",
+                                  "/", ".", "sub/..", "~/home.jpg"])
+def test_memo_keys_are_absolute_paths_as_bytes(path):
+    # The stat memo keys a file by os.fsencode(os.path.abspath(path)); _PathKeys computes that per folder once.
+    keys = index_module._PathKeys()
+    for _ in range(2):  # the second time from its cache of folders
+        assert keys(path) == os.fsencode(os.path.abspath(path))
+
+
 def test_the_text_tower_alone_gives_the_same_text_features(tiny_model_dir):
     from clipcli.resolve import resolve
 
@@ -188,6 +198,51 @@ def test_changed_content_with_the_same_size_and_mtime_is_computed_again(tiny_mod
     second = classify(tiny_model_dir, target, index)
     assert calls["images"] == 2 and second != first
     assert_close(second, classify(tiny_model_dir, target, None))
+
+
+def test_a_file_changed_while_the_run_waits_to_read_it_is_stored_under_what_was_read(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    # The stat memo knows the file's digest (from a run with another model), so the run does not hash it when it
+    # stats it; the file changes before the run reads it. Its features must be stored under the digest of the bytes
+    # that were read, or a copy of the old content would later get the new content's features.
+    from clipcli import pipeline
+
+    monkeypatch.setattr(index_module, "RACY_NS", 0)
+    index = tmp_path / "index.db"
+    target = tmp_path / "one"
+    target.mkdir()
+    image = target / "x.png"
+    photo(40, 30, seed=1).save(image)
+    other = make_hf_checkpoint(tmp_path / "other", seed=1)
+    classify(other, target, index)  # the memo now knows x.png's digest; no features for tiny_model_dir yet
+    original = image.read_bytes()
+    real = pipeline.read_image_file
+
+    def changed_before_read(path):
+        photo(40, 30, seed=2).save(path)  # changed after the run's stat, before its read
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "read_image_file", changed_before_read)
+    classify(tiny_model_dir, target, index)
+    monkeypatch.setattr(pipeline, "read_image_file", real)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "y.png").write_bytes(original)  # the old content, elsewhere
+    assert_close(classify(tiny_model_dir, copy, index), classify(tiny_model_dir, copy, None))
+
+
+def test_the_size_limit_applies_to_images_answered_from_the_index(tiny_model_dir, folder, tmp_path, calls):
+    # --max-megapixels refuses an image whether its features are computed or found: the same failures either way.
+    index = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, index)
+    limited = ["classify", folder, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, "--max-megapixels", "0.0017"]
+    warm, cold = run(*limited, index=index, expect=1), run(*limited, index=None, expect=1)
+    assert calls["images"] == 6 + 3  # the warm run computed nothing; --no-index decoded the three small enough
+    rows = [json.loads(line) for line in warm.stdout.splitlines()]
+    assert rows == [json.loads(line) for line in cold.stdout.splitlines()]
+    refused = [row["path"] for row in rows if "error" in row]
+    assert len(refused) == 3 and all("image too large" in row["error"] for row in rows if "error" in row)
+    assert warm.stderr == cold.stderr
 
 
 def test_a_moved_folder_is_not_computed_again(tiny_model_dir, folder, tmp_path, calls):
@@ -265,6 +320,16 @@ def test_index_info_prune_and_clear(tiny_model_dir, folder, tmp_path):
     assert "5 images" in run("index", index=index).stdout
     run("index", "--clear", index=index)
     assert "no embeddings yet" in run("index", index=index).stdout
+
+
+def test_info_with_paths_or_prune_shows_the_index_after_the_work(tiny_model_dir, folder, tmp_path):
+    index = tmp_path / "index.db"
+    added = run("index", folder, "--info", "-m", tiny_model_dir, index=index)
+    assert summary(added) == (6, 0, 0, 0)
+    assert re.search(r"fp32, exact decode: 6 images, 0 prompts", added.stdout), added.stdout
+    (folder / "p0.png").unlink()
+    pruned = run("index", "--prune", "--info", index=index)
+    assert "1 file(s) that are gone" in pruned.stderr and "5 images" in pruned.stdout
 
 
 def test_index_command_without_an_index_file(tmp_path):
@@ -345,6 +410,16 @@ def test_sigkill_mid_run_keeps_the_finished_batches_and_a_rerun_completes(tiny_m
     assert index_rows(db) == 400
 
 
+def test_an_interrupted_index_run_says_its_work_is_kept(tiny_model_dir, many_images, tmp_path):
+    db = tmp_path / "index.db"
+    proc = interrupt(["index", many_images, "-m", tiny_model_dir, "--index", db, "--batch-size", "4", "--workers", "1"],
+                     signal.SIGINT, lambda pid: index_rows(db) >= 8)
+    assert proc.returncode == 130
+    assert proc.stderr.decode().splitlines() == ["interrupted; the images indexed so far are kept; run it again to "
+                                                 "finish"]
+    assert index_rows(db) >= 8
+
+
 def test_two_concurrent_runs_on_one_index_both_complete(tiny_model_dir, many_images, tmp_path):
     db = tmp_path / "index.db"
     outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
@@ -403,6 +478,81 @@ def test_another_programs_sqlite_file_is_left_alone(tiny_model_dir, folder, tmp_
     assert target.read_bytes() == before
 
 
+def test_an_empty_sqlite_file_of_another_program_is_left_alone(tiny_model_dir, folder, tmp_path, reference):
+    # No tables yet, but a schema version of its own: another program's database, not a blank file to take over.
+    target = tmp_path / "other.db"
+    with sqlite3.connect(target) as con:
+        con.execute("PRAGMA user_version=7")
+    before = target.read_bytes()
+    assert before and "not a clipcli index" in faulty_run(tiny_model_dir, folder, target, reference)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db", "photos"]
+
+
+def damage_a_table_page(target: Path, table: str) -> bytes:
+    """Overwrite the cell area at the end of `table`'s root page with random bytes (a structural damage that
+    PRAGMA quick_check finds); the file's new bytes."""
+    with sqlite3.connect(target) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+        root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    data = bytearray(target.read_bytes())
+    end = root * page_size
+    data[end - 1900:end] = np.random.default_rng(5).integers(0, 256, 1900, dtype=np.uint8).tobytes()
+    target.write_bytes(bytes(data))
+    with pytest.raises(sqlite3.DatabaseError), sqlite3.connect(target) as con:  # the damage is real
+        if con.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("quick_check")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("table", ["files", "image_keys", "vectors"])
+def test_a_damaged_page_is_noticed_before_anything_is_written(tiny_model_dir, folder, tmp_path, reference, table):
+    # The run has new images to store: the damage must be noticed when the page is read, before it is written to.
+    target = tmp_path / "index.db"
+    others = tmp_path / "others"
+    others.mkdir()
+    photo(30, 30, seed=50).save(others / "q.png")
+    classify(tiny_model_dir, others, target)
+    before = damage_a_table_page(target, table)
+    assert "damaged" in faulty_run(tiny_model_dir, folder, target, reference)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.db", "others", "photos"]
+
+
+def test_a_read_only_index_is_read_and_never_written(tiny_model_dir, folder, tmp_path, reference, calls,
+                                                     monkeypatch):
+    # A shared index the user may not write: what it has is used, nothing is written, and no -wal/-shm file is left
+    # beside it. (Root may write anything: there, the check of the permission bits is made to say no.)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target = shared / "index.db"
+    classify(tiny_model_dir, folder, target)
+    target.chmod(0o444)
+    if os.geteuid() == 0:
+        monkeypatch.setattr(index_module, "_writable", lambda path: False)
+    before, computed = target.read_bytes(), calls["images"]
+    warm = invoke("classify", folder, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, "--index", target)
+    assert warm.exit_code == 0 and warm.stderr == "", warm.stderr
+    assert_close(scores(warm), reference)
+    assert calls["images"] == computed  # read from the index
+    extra = tmp_path / "more"
+    shutil.copytree(folder, extra)
+    photo(30, 30, seed=50).save(extra / "new.png")  # must be computed, and cannot be stored
+    result = invoke("classify", extra, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, "--index", target)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (f"warning: the index {target} cannot be written (read-only): what it holds is used, but "
+                             "this run's new image embeddings are not stored\n")
+    assert_close(scores(result), classify(tiny_model_dir, extra, None))
+    assert calls["images"] == computed + 1 + 7  # only the new image (then 7 without the index, for the reference)
+    assert target.read_bytes() == before
+    assert os.listdir(shared) == ["index.db"]
+    for action in (["--prune"], ["--clear"], [extra, "-m", tiny_model_dir]):
+        refused = invoke("index", *action, "--index", target)
+        assert refused.exit_code == 2 and "read-only" in refused.stderr, refused.stderr
+    assert target.read_bytes() == before
+
+
 def test_an_index_from_a_newer_clipcli_is_left_alone(tiny_model_dir, folder, tmp_path, reference):
     target = tmp_path / "index.db"
     classify(tiny_model_dir, folder, target)
@@ -425,6 +575,18 @@ def test_a_damaged_index_gives_a_warning_and_correct_results(tiny_model_dir, fol
     assert at > 0
     data[at + 8:at + 12] = b"\x7f\x7f\x7f\x7f"  # one float of a stored vector
     target.write_bytes(bytes(data))
+    assert "damaged" in faulty_run(tiny_model_dir, folder, target, reference)
+
+
+def test_a_damaged_model_record_gives_a_warning_and_correct_results(tiny_model_dir, folder, tmp_path, reference):
+    # A warm run takes the model's logit scale from the index: a damaged value that is still valid JSON (a digit
+    # changed) must be noticed, not used.
+    target = tmp_path / "index.db"
+    classify(tiny_model_dir, folder, target)
+    with sqlite3.connect(target) as con:
+        info = json.loads(con.execute("SELECT info FROM models").fetchone()[0])
+        info["logit_scale"] = info["logit_scale"] * 3
+        con.execute("UPDATE models SET info = ?", (json.dumps(info, sort_keys=True),))
     assert "damaged" in faulty_run(tiny_model_dir, folder, target, reference)
 
 

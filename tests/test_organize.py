@@ -361,6 +361,32 @@ def test_dest_inside_the_input_is_never_walked(tiny_model_dir, photos):
                        "inside the destination")
 
 
+def test_files_from_and_exclude_choose_the_inputs(tiny_model_dir, photos, tmp_path, monkeypatch):
+    # cli-contract.md, "Inputs (every command that takes image PATHs)": --files-from (- is stdin) adds paths and
+    # PATH may then be omitted; --exclude drops files and folders during the walk. A listed file inside DEST is
+    # still never input.
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # --max-megapixels sets it process-wide
+    dest = tmp_path / "sorted"
+    listed = [photos / "a" / "x.png", photos / "c.bmp"]
+    first = invoke("organize", "--files-from", "-", "-l", "cat,dog", "--into", dest, "-m", tiny_model_dir,
+                   input="".join(f"{p}\n" for p in listed))
+    assert first.exit_code == 0, (first.stderr, first.exception)
+    assert sorted(r["source"] for r in log_records(dest)) == sorted(str(p) for p in listed)
+    inside = next(dest.rglob("x.png"))
+    (tmp_path / "list.txt").write_text(f"{inside}\n{photos / 'a' / 'y.png'}\n")
+    again = organize_cli(tiny_model_dir, "--files-from", tmp_path / "list.txt", "-l", "cat,dog", "--into", dest)
+    assert again.exit_code == 0, (again.stderr, again.exception)
+    assert sorted(r["source"] for r in log_records(dest)) == sorted(str(p) for p in [*listed, photos / "a" / "y.png"])
+    other = tmp_path / "other"
+    walked = organize_cli(tiny_model_dir, photos, "--exclude", "deep/", "--exclude", "*.jpg", "-l", "cat,dog",
+                          "--into", other, "--max-megapixels", "100")
+    assert walked.exit_code == 0, (walked.stderr, walked.exception)
+    want = [p for p in found(photos) if "/deep/" not in p and not p.endswith(".jpg")]
+    assert sorted(r["source"] for r in log_records(other)) == want
+
+
 def test_dest_reached_through_a_link_is_not_input(tiny_model_dir, photos, tmp_path):
     images = found(photos)
     dest = tmp_path / "sorted"

@@ -299,11 +299,11 @@ def test_decoding_is_bounded_and_ordered(tiny_model_dir: Path, photos: list[str]
     paths = photos * 3  # 33 paths
     seen: list[str] = []
     with ThreadPoolExecutor(2) as pool:
-        for chunk in run._prepared(pool, paths, {}, None):
+        for chunk in run._prepared(pool, paths, None):
             # Everything decoded so far belongs to the stretches handed out or at most `ahead` more.
             assert len(started) <= len(seen) + (ahead + 1) * 4
             assert len(chunk) == min(4, len(paths) - len(seen))
-            seen.extend(path for path, *_ in chunk)
+            seen.extend(work.path for work in chunk)
     assert seen == paths
 
 
@@ -322,7 +322,7 @@ def test_stopping_early_cancels_pending_work(tiny_model_dir: Path, photos: list[
     run.clip  # noqa: B018
     run._device_type = "cuda"  # decode ahead
     with ThreadPoolExecutor(1) as pool:
-        chunks = run._prepared(pool, photos * 10, {}, None)
+        chunks = run._prepared(pool, photos * 10, None)
         assert len(next(chunks)) == 2
         chunks.close()  # the generator's finally: queued work cancelled
     assert len(started) <= 4 * 2  # the stretch handed out, the two ahead and one starting, not the 110 paths
