@@ -316,15 +316,14 @@ class Index:
                     found[path] = (digest, not racy and (dev, ino, size, mtime, ctime) == _stat_key(state))
         return found
 
-    def _memo_rows(self, keys: list[bytes]) -> Iterator[list[tuple]]:
+    def _memo_rows(self, keys: list[bytes]) -> Iterator[Iterable[tuple]]:
         """Memo rows for `keys` (and maybe others, which the caller skips). Many keys under one folder are read in
         one range scan of the primary key; a few, by lookups."""
         assert self._con is not None
         columns = "path, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc"
         if len(keys) > 2 * _CHUNK:
             low, high = min(keys), max(keys)
-            yield self._con.execute(f"SELECT {columns} FROM files WHERE path >= ? AND path <= ?",
-                                    (low, high)).fetchall()
+            yield self._con.execute(f"SELECT {columns} FROM files WHERE path >= ? AND path <= ?", (low, high))
             return
         for chunk in _chunks(keys, _CHUNK):
             yield self._con.execute(f"SELECT {columns} FROM files WHERE path IN ({','.join('?' * len(chunk))})",
@@ -448,13 +447,18 @@ class Index:
                         f"({','.join('?' * len(chunk))})", [variant_id, *chunk]))
             ids = sorted(vectors)
             if len(ids) > 2 * _CHUNK and ids[-1] - ids[0] < 2 * len(ids):  # dense: one range scan
-                batches: Iterable[list] = [self._con.execute(
-                    "SELECT id, data, crc FROM vectors WHERE id BETWEEN ? AND ?", (ids[0], ids[-1])).fetchall()]
+                batches: Iterable[Iterable[tuple]] = [self._con.execute(
+                    "SELECT id, data, crc FROM vectors WHERE id BETWEEN ? AND ?", (ids[0], ids[-1]))]
             else:
                 batches = (self._con.execute(f"SELECT id, data, crc FROM vectors WHERE id IN "
-                                             f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                                             f"({','.join('?' * len(chunk))})", chunk)
                            for chunk in _chunks(ids, _CHUNK))
-            keys, sizes, blobs = [], [], []
+            # Each row is copied into one matrix as it is read (rows are views of it): one allocation, and the
+            # blobs are never all held at once beside it (a warm run's peak memory is the matrix).
+            matrix = np.empty((0, 0), dtype="<f4")
+            flat = memoryview(b"")
+            keys: list[bytes] = []
+            sizes: list[int] = []
             for rows in batches:
                 for vector, data, crc in rows:
                     key = vectors.get(vector)
@@ -463,16 +467,17 @@ class Index:
                     digest, pixels = key
                     if zlib.crc32(data, zlib.crc32(_image_key(digest, pixels))) != crc:
                         raise IndexProblem("is damaged (an entry fails its checksum)")
+                    if not keys:
+                        matrix = np.empty((len(vectors), len(data) // 4), dtype="<f4")
+                        flat = matrix.data.cast("B")
+                    step = 4 * matrix.shape[1]
+                    if len(data) != step:
+                        raise IndexProblem("is damaged (features of different lengths for one model)")
+                    flat[len(keys) * step:(len(keys) + 1) * step] = data
                     keys.append(digest)
                     sizes.append(pixels)
-                    blobs.append(data)
-            if blobs:
-                # One matrix for all of them (rows are views of it): one allocation, not one per image.
-                width = len(blobs[0]) // 4
-                if any(len(data) != 4 * width for data in blobs):
-                    raise IndexProblem("is damaged (features of different lengths for one model)")
-                matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), width)
-                found.update(zip(keys, zip(matrix, sizes, strict=True), strict=True))
+            flat.release()
+            found.update(zip(keys, zip(matrix[:len(keys)], sizes, strict=True), strict=True))
         return found
 
     def add_image_features(self, variant: Variant, rows: Sequence[tuple[bytes, np.ndarray, int]],
