@@ -230,6 +230,12 @@ def test_error_no_tokenizer_files(tmp_path: Path) -> None:
     ('{"model": {"type": "BPE", "vocab": {"<|startoftext|>": 0, "<|endoftext|>": 1}, "merges": ["x y"]}}',
      "not a usable BPE vocabulary"),
     ('{"model": {"type": "BPE", "vocab": {"<|startoftext|>": 0, "<|endoftext|>": 1}, "merges": ["x"]}}', "merge 1"),
+    ('{"model": {"type": "BPE", "vocab": {"<|startoftext|>": 0, "<|endoftext|>": 1}, "merges": [["x", "y"], '
+     '["a", 1]]}}', "merge 2"),
+    ('{"model": {"type": "BPE", "vocab": {"<|startoftext|>": 0, "<|endoftext|>": 1}, "merges": [["x", "y"], "a b", '
+     '5]}}', "merge 3"),
+    ('{"model": {"type": "BPE", "vocab": {"<|startoftext|>": 0, "<|endoftext|>": 1}, "merges": [["x", "y", "z"]]}}',
+     "merge 1"),
 ])
 def test_error_malformed_tokenizer_json(tmp_path: Path, content: str, fragment: str) -> None:
     (tmp_path / "tokenizer.json").write_text(content, encoding="utf-8")
