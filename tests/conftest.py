@@ -71,6 +71,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny-clip"))
 
 
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir: Path):
+    """transformers' CLIPModel and CLIPImageProcessor for tiny_model_dir (tests.test_cli.Reference), made once."""
+    from tests.test_cli import Reference
+
+    return Reference(tiny_model_dir)
+
+
+@pytest.fixture()
+def in_images_parent(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run from the image folder's parent and name the folder relatively: short paths, as a user types them."""
+    monkeypatch.chdir(image_folder.parent)
+    return image_folder.name
+
+
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """A photo-like RGB image: smooth colour gradients plus noise."""
     rng = np.random.default_rng(seed)

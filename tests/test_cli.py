@@ -180,18 +180,6 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_model_dir: Path) -> Reference:
-    return Reference(tiny_model_dir)
-
-
-@pytest.fixture()
-def in_images_parent(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run from the image folder's parent and name the folder relatively: short paths, as a user types them."""
-    monkeypatch.chdir(image_folder.parent)
-    return image_folder.name
-
-
 def expected_paths(folder: str) -> list[str]:
     """The images of conftest's image_folder as `clip` names them when given `folder`: found paths, sorted."""
     return [f"{folder}/a.jpg", f"{folder}/b.png", f"{folder}/sub/c.webp", f"{folder}/sub/d.BMP"]

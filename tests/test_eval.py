@@ -28,11 +28,6 @@ LABELS = [NAMES.get(folder, folder) for folder in FOLDERS]
 EMPTY, ONE = 5, 4  # class indices: no images at all; exactly one image
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Reference:
-    return Reference(tiny_model_dir)
-
-
 def sample_images(folder: Path, count: int) -> list[Path]:
     """`count` small images of varied kinds (flat colour, noise, photo-like, stripes), so that the tiny random model
     does not give them all the same label."""

@@ -32,11 +32,6 @@ MODES = ["copy", "move", "link", "symlink"]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Reference:
-    return Reference(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Photos in nested folders; a/x.png and b/x.png share a name but not their bytes."""
     root = tmp_path_factory.mktemp("master")

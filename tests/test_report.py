@@ -18,7 +18,7 @@ from PIL import Image
 
 from clipcli import report
 from tests.conftest import photo
-from tests.test_cli import LABELS, PROB_ATOL, Reference, expected_paths, invoke
+from tests.test_cli import LABELS, PROB_ATOL, expected_paths, invoke
 
 HOSTILE_LABEL = '"><img src=x onerror="window.__pwned=1">'
 SCRIPT_LABEL = "</script><script>window.__pwned=2</script>"
@@ -28,17 +28,6 @@ def report_data(page: str) -> tuple[dict, list[dict]]:
     """The two JSON blocks of a report page: its meta object and its list of images."""
     blocks = dict(re.findall(r'<script type="application/json" id="report-(\w+)">(.*?)</script>', page, re.S))
     return json.loads(blocks["meta"]), json.loads(blocks["images"])
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Reference:
-    return Reference(tiny_model_dir)
-
-
-@pytest.fixture()
-def in_images_parent(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.chdir(image_folder.parent)
-    return image_folder.name
 
 
 # ---------------------------------------------------------------------------------------------------------------

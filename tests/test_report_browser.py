@@ -17,7 +17,7 @@ from PIL import Image
 
 from clipcli import report
 from tests.browser import Browser, chromium_path
-from tests.test_cli import LABELS, Reference, expected_paths, invoke
+from tests.test_cli import LABELS, expected_paths, invoke
 from tests.test_report import HOSTILE_LABEL, SCRIPT_LABEL, report_data
 
 CARDS_PER_LABEL = """[...document.querySelectorAll('details.group[data-view="label"]')].map(group => [
@@ -33,11 +33,6 @@ def browser():
     chromium = Browser(executable)
     yield chromium
     chromium.close()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Reference:
-    return Reference(tiny_model_dir)
 
 
 def open_report(browser: Browser, page: Path) -> float:

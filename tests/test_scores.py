@@ -7,7 +7,6 @@ import csv
 import io
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,17 +26,6 @@ from tests.test_cli import (
     parse,
     unit,
 )
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Reference:
-    return Reference(tiny_model_dir)
-
-
-@pytest.fixture()
-def in_images_parent(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.chdir(image_folder.parent)
-    return image_folder.name
 
 
 @torch.no_grad()

@@ -52,11 +52,6 @@ def known(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Reference:
-    return Reference(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def embeddings(known: Path, reference: Reference) -> dict[str, np.ndarray]:
     """path (as `clip` names it) -> the reference's unit image embedding."""
     paths = sorted(str(p) for p in known.iterdir())
