@@ -524,7 +524,7 @@ def test_a_read_only_index_is_read_and_never_written(tiny_model_dir, folder, tmp
                                                      monkeypatch):
     # A shared index the user may not write: what it has is used, nothing is written, and no -wal/-shm file is left
     # beside it. (Root may write anything: there, the check of the permission bits is made to say no.)
-    shared = tmp_path / "shared"
+    shared = tmp_path / "team-index"
     shared.mkdir()
     target = shared / "index.db"
     classify(tiny_model_dir, folder, target)
