@@ -98,6 +98,15 @@ def populate_synthetic(index_path: Path, model_dir: Path, folder: Path) -> None:
     store.close()
 
 
+def synthetic_index(index_path: Path, model_dir: Path, folder: Path, count: int) -> Path:
+    """`index_path`, made once by populate_synthetic for the `count` files under `folder` (saying how long it took)."""
+    if not index_path.exists():
+        started = time.perf_counter()
+        populate_synthetic(index_path, model_dir, folder)
+        print(f"indexed {count:,} files in {time.perf_counter() - started:.0f} s (synthetic)")
+    return index_path
+
+
 def index_bytes(path: Path) -> int:
     import sqlite3
 
@@ -125,13 +134,12 @@ def main() -> None:
     # 1. warm runs on the 10,000 small images
     folder = small_images(work / f"small-{args.images}", args.images)
     index = work / f"warm-{args.images}-{args.populate}.db"
-    if not index.exists():
+    if args.populate == "synthetic":
+        synthetic_index(index, model, folder, args.images)
+    elif not index.exists():
         started = time.perf_counter()
-        if args.populate == "model":
-            subprocess.run(clip("index", folder, "-m", model, "--index", index, "-q"), check=True)
-        else:
-            populate_synthetic(index, model, folder)
-        print(f"indexed {args.images} images in {time.perf_counter() - started:.0f} s ({args.populate})")
+        subprocess.run(clip("index", folder, "-m", model, "--index", index, "-q"), check=True)
+        print(f"indexed {args.images:,} images in {time.perf_counter() - started:.0f} s (model)")
     warm = clip("classify", folder, "-l", labels, "-f", "jsonl", "-m", model, "--index", index)
     subprocess.run(warm, check=True, stdout=subprocess.DEVNULL)  # prompts cached, memo entries settled
     wait_until_quiet()
@@ -156,11 +164,7 @@ def main() -> None:
     # 2. memory of a warm run on 100,000 entries
     if args.memory_entries:
         files = tiny_files(work / f"files-{args.memory_entries}", args.memory_entries)
-        big = work / f"memory-{args.memory_entries}.db"
-        if not big.exists():
-            started = time.perf_counter()
-            populate_synthetic(big, model, files)
-            print(f"indexed {args.memory_entries} files in {time.perf_counter() - started:.0f} s (synthetic)")
+        big = synthetic_index(work / f"memory-{args.memory_entries}.db", model, files, args.memory_entries)
         command = clip("classify", files, "-l", labels, "-f", "jsonl", "-m", model, "--index", big)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         seconds, rss = timed(command, 1)

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_index import populate_synthetic, tiny_files
+from bench_index import synthetic_index, tiny_files
 from common import BENCH_DIR, REPO, OtherLoad, checkpoint, wait_until_quiet
 
 # Runs argv[1:] with stdout discarded; prints the child's CPU seconds and peak RSS (KiB) on its last line.
@@ -126,11 +126,7 @@ def main() -> None:
     work = BENCH_DIR / "search"
     work.mkdir(parents=True, exist_ok=True)
     files = tiny_files(work / f"files-{args.entries}", args.entries)
-    index = work / f"search-{args.entries}.db"
-    if not index.exists():
-        started = time.perf_counter()
-        populate_synthetic(index, model, files)
-        print(f"indexed {args.entries:,} files in {time.perf_counter() - started:.0f} s (synthetic)")
+    index = synthetic_index(work / f"search-{args.entries}.db", model, files, args.entries)
     example = sorted(files.iterdir())[args.entries // 2]
     common = ["-m", model, "--index", index, "-f", "jsonl", "-q"]
     print(f"random ViT-B/32 at {model}; {args.entries:,} indexed files; rounds {args.rounds}")

@@ -449,15 +449,19 @@ def test_rename_no_replace_never_replaces(tmp_path, monkeypatch):
     for atomic in (True, False):
         if not atomic:
             monkeypatch.setattr(organize, "_renameat2", lambda: None)  # link + unlink
-        a, b = tmp_path / f"a{atomic}", tmp_path / f"b{atomic}"
-        a.write_bytes(b"a")
-        b.write_bytes(b"b")
-        with pytest.raises(FileExistsError):
-            organize.rename_no_replace(str(a), str(b))
-        assert (a.read_bytes(), b.read_bytes()) == (b"a", b"b")
-        b.unlink()
+        assert_rename_never_replaces(tmp_path / f"a{atomic}", tmp_path / f"b{atomic}")
+
+
+def assert_rename_never_replaces(a: Path, b: Path) -> None:
+    """rename_no_replace(a, b) refuses while b exists (both files kept as they were), and moves a once b is gone."""
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    with pytest.raises(FileExistsError):
         organize.rename_no_replace(str(a), str(b))
-        assert not a.exists() and b.read_bytes() == b"a"
+    assert (a.read_bytes(), b.read_bytes()) == (b"a", b"b")
+    b.unlink()
+    organize.rename_no_replace(str(a), str(b))
+    assert not a.exists() and b.read_bytes() == b"a"
 
 
 def test_rename_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
@@ -467,15 +471,7 @@ def test_rename_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.write_bytes(b"a")
-    b.write_bytes(b"b")
-    with pytest.raises(FileExistsError):
-        organize.rename_no_replace(str(a), str(b))
-    assert (a.read_bytes(), b.read_bytes()) == (b"a", b"b")
-    b.unlink()
-    organize.rename_no_replace(str(a), str(b))
-    assert not a.exists() and b.read_bytes() == b"a"
+    assert_rename_never_replaces(tmp_path / "a", tmp_path / "b")
 
 
 def crossing_file_systems(monkeypatch: pytest.MonkeyPatch) -> None:
