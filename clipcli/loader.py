@@ -27,9 +27,10 @@ from clipcli.weights import (
     hf_to_openai,
     is_hf_layout,
     is_openai_layout,
-    is_text_key,
     openai_to_hf,
     read_state_dict,
+    text_tower_names,
+    wrapper_prefix,
     write_hf_directory,
 )
 
@@ -192,14 +193,15 @@ def read_weights(weights: Path, text_only: bool = False) -> dict[str, torch.Tens
         return read_state_dict(weights, text_only)
     # With text_only, only the shards that hold text-tower tensors are read (a shard may hold image tensors alone);
     # OpenAI key names say nothing by prefix, so such a checkpoint is read whole.
-    text_only = text_only and not any(key.startswith("visual.") for key in listed)
-    wanted = {key for key in listed if not text_only or is_text_key(key)}
+    chosen = text_tower_names(listed) if text_only else None
+    wanted = set(listed) if chosen is None else set(chosen)
     state: dict[str, torch.Tensor] = {}
     for name in sorted({listed[key] for key in wanted}):
         if not (weights.parent / name).is_file():
             raise UsageError(f"{weights}: shard {name} is missing; download or copy it beside the index")
-        state.update(read_state_dict(weights.parent / name, text_only))
-    missing = sorted(wanted - set(state))
+        state.update(read_state_dict(weights.parent / name, chosen is not None))
+    cut = len(wrapper_prefix(listed))  # the names each shard's tensors have once read
+    missing = sorted({key[cut:] for key in wanted} - set(state))
     if missing:
         raise UsageError(f"{weights}: '{missing[0]}' is listed but in none of the shards; download the shards again")
     return state

@@ -8,7 +8,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +38,26 @@ def is_text_key(name: str) -> bool:
     return name.startswith(TEXT_PREFIXES)
 
 
+def wrapper_prefix(names: Iterable[str]) -> str:
+    """The wrapper prefixes (module., _orig_mod., model.) that every name carries, as they are stripped on reading."""
+    names = list(names)
+    found = ""
+    for prefix in _PREFIXES:
+        if names and all(name.startswith(found + prefix) for name in names):
+            found += prefix
+    return found
+
+
+def text_tower_names(names: Iterable[str]) -> list[str] | None:
+    """Of a checkpoint's tensor names (wrapper prefixes and all), those the text tower needs; None for OpenAI's
+    layout, whose names say nothing by prefix (it is read whole)."""
+    names = list(names)
+    cut = len(wrapper_prefix(names))
+    if is_openai_layout(name[cut:] for name in names):
+        return None
+    return [name for name in names if is_text_key(name[cut:])]
+
+
 def read_state_dict(path: Path, text_only: bool = False) -> StateDict:
     """Read a checkpoint file (safetensors, TorchScript archive, or plain torch state dict) without unpickling code.
 
@@ -57,9 +77,8 @@ def read_state_dict(path: Path, text_only: bool = False) -> StateDict:
 
             with safe_open(str(path), framework="pt") as tensors:
                 names = list(tensors.keys())
-                if text_only and not any(name.startswith("visual.") for name in names):  # not OpenAI's layout
-                    names = [name for name in names if is_text_key(name)]
-                data: object = {name: tensors.get_tensor(name) for name in names}
+                text_names = text_tower_names(names) if text_only else None
+                data: object = {name: tensors.get_tensor(name) for name in (text_names or names)}
         elif head.startswith(b"PK"):  # a zip: TorchScript archive or torch.save's format
             if not zipfile.is_zipfile(path):
                 raise UsageError(f"{path}: truncated or damaged zip archive (no central directory); "
@@ -109,19 +128,17 @@ def _unwrap(data: object, path: Path) -> StateDict:
     if not isinstance(data, Mapping) or not _is_tensor_dict(data):
         raise UsageError(f"{path}: no state dict of tensors found in the checkpoint; pass a CLIP weights file")
     state = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    for prefix in _PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
+    cut = len(wrapper_prefix(state))
+    return {k[cut:]: v for k, v in state.items()} if cut else state
 
 
 def _is_tensor_dict(data: Mapping) -> bool:
     return bool(data) and sum(isinstance(v, torch.Tensor) for v in data.values()) >= len(data) / 2
 
 
-def is_openai_layout(state: Mapping[str, torch.Tensor]) -> bool:
+def is_openai_layout(names: Iterable[str]) -> bool:
     """True for OpenAI key names (visual.conv1.weight, transformer.resblocks.*), False for transformers' names."""
-    return any(k.startswith("visual.") for k in state)
+    return any(k.startswith("visual.") for k in names)
 
 
 def is_hf_layout(state: Mapping[str, torch.Tensor]) -> bool:
