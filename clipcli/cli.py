@@ -573,12 +573,12 @@ def organize(
     if len(modes) > 1:
         chosen = " and ".join(f"--{mode}" for mode in modes)
         raise UsageError(f"give one of --copy, --move, --link or --symlink, not {chosen}")
+    _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))  # before either reads
     label_list = _read_labels(labels, labels_file)
     prompt_templates = _templates(template, templates)
     pipeline.check_score(score.value, min_score)
     organizer = org.Organizer(into, label_list, modes[0] if modes else "copy", min_score=min_score, dry_run=dry_run)
     organizer.check_paths(paths or [])
-    _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))
     images, failures = _gather_inputs(paths, files_from, exclude, max_megapixels, skip=[str(into)])
     images = organizer.outside(images)  # DEST's files are never input, however they were reached
     failures = [f for f in failures if organizer.outside([f.path])]

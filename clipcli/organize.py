@@ -247,7 +247,10 @@ def _locked(folder: str) -> Iterator[None]:
     except ImportError:  # Windows
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as err:
+        raise UsageError(f"cannot open '{folder}': {os_reason(err)}; check the folder's permissions") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -278,13 +281,18 @@ class Log:
         self.lines = 0
 
     def write(self, record: dict) -> int:
-        """Append `record`; its line number."""
-        if self._fd is None:
-            self._open()
-        assert self._fd is not None
+        """Append `record`; its line number. UsageError when the log cannot be read or written (nothing is done
+        that the log does not record first)."""
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
-        os.write(self._fd, data)
-        os.fsync(self._fd)
+        try:
+            if self._fd is None:
+                self._open()
+            assert self._fd is not None
+            os.write(self._fd, data)
+            os.fsync(self._fd)
+        except OSError as err:
+            raise UsageError(f"cannot write the log '{self.path}': {os_reason(err)}; check the disk and the "
+                             "folder's permissions") from None
         self.lines += 1
         return self.lines - 1
 
@@ -508,10 +516,10 @@ class Organizer:
                 return None
             try:
                 self._ready_folder(folder)
-                line = self.log.write(self._record(step))
             except OSError as err:
                 raise UsageError(f"cannot write into '{self.dest}': {os_reason(err)}; check the disk and the "
                                  "folder's permissions") from None
+            line = self.log.write(self._record(step))
             try:
                 self._do(step)
             except FileExistsError:  # taken since it was listed: plan again
@@ -647,7 +655,10 @@ def undo(dest: str | os.PathLike[str]) -> UndoResult:
     touched: set[str] = set()
     with _locked(dest):
         try:
-            lines = read_lines(log_path)
+            try:
+                lines = read_lines(log_path)
+            except OSError as err:
+                raise UsageError(f"cannot read the log '{log_path}': {os_reason(err)}") from None
             closed = {record.get("of") for record in lines if record and record.get("action") in ("undo", "failed")}
             todo = [(n, record) for n, record in enumerate(lines) if record and n not in closed
                     and record.get("action") in (*MODES, "remove-source")
@@ -660,7 +671,10 @@ def undo(dest: str | os.PathLike[str]) -> UndoResult:
                 if not inside.startswith(real.rstrip(os.sep) + os.sep):
                     failures.append(Failure(target, "is not inside DEST: left alone"))
                     continue
-                outcome = _undo_one(record)
+                try:
+                    outcome = _undo_one(record)
+                except OSError as err:  # e.g. a label folder that may not be written: this one stays, the rest go on
+                    outcome = Failure(target, f"not undone: {os_reason(err)}")
                 if isinstance(outcome, Failure):
                     failures.append(outcome)
                     continue
@@ -710,11 +724,8 @@ def _undo_one(record: dict) -> str | Failure:
     return "removed"
 
 
-def _put_back(target: str, source: str, operation: Callable[[str, str], None], done: str) -> str | Failure:
+def _put_back(target: str, source: str, operation: Callable[[str, str], None], done: str) -> str:
     """`operation(target, source)` (move or copy_into_place: never replaces), its folder made again if needed."""
-    try:
-        os.makedirs(os.path.dirname(source), exist_ok=True)
-        operation(target, source)
-    except OSError as err:
-        return Failure(target, f"not undone: {os_reason(err)}")
+    os.makedirs(os.path.dirname(source), exist_ok=True)
+    operation(target, source)
     return done

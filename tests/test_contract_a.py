@@ -72,6 +72,41 @@ def test_sharded_checkpoint_with_image_only_shards(sharded_model, image_folder, 
     np.testing.assert_allclose(probs, reference.probs(paths, ["cat", "dog"]), atol=1e-4)
 
 
+def prefixed_copy(source: Path, folder: Path, prefix: str = "module.") -> Path:
+    """`source` (a folder with model.safetensors, or shards and their index) with every tensor name under `prefix`,
+    as a checkpoint saved from a wrapped model (DataParallel, torch.compile) has them."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    for shard in folder.glob("*.safetensors"):
+        save_file({prefix + name: tensor for name, tensor in load_file(shard).items()}, shard)
+    listing = folder / "model.safetensors.index.json"
+    if listing.exists():
+        index = json.loads(listing.read_text())
+        index["weight_map"] = {prefix + name: shard for name, shard in index["weight_map"].items()}
+        listing.write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_wrapped_tensor_names_load_for_texts_and_images(sharded, sharded_model, tiny_model_dir, image_folder,
+                                                        tmp_path):
+    """Tensor names under module./_orig_mod./model. load as the bare names do, the text tower alone included (it
+    chose its tensors by their wrapped names, found none, and every classify failed)."""
+    source = sharded_model if sharded else tiny_model_dir
+    model = prefixed_copy(source, tmp_path / "wrapped", "module._orig_mod.")
+    reference = Reference(source)
+    texts = ["a photo of a cat.", "a red car"]
+    ok(invoke("embed", "--text", texts[0], "--text", texts[1], "-m", model, "-o", tmp_path / "t.npy", "--no-index"))
+    expected = unit(__import__("torch").from_numpy(reference.text_features(texts))).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "t.npy"), expected, atol=1e-5)
+    paths = [str(image_folder / "a.jpg"), str(image_folder / "b.png")]
+    rows = [json.loads(line) for line in ok(invoke("classify", *paths, "-l", "cat,dog", "-m", model, "-f", "jsonl",
+                                                    "--index", tmp_path / "index.db")).splitlines()]
+    probs = np.array([[row["scores"]["cat"], row["scores"]["dog"]] for row in rows])
+    np.testing.assert_allclose(probs, reference.probs(paths, ["cat", "dog"]), atol=1e-4)
+
+
 def test_tokenizer_larger_than_the_model_vocabulary_is_a_setup_error(tmp_path, image_folder):
     """A tokenizer whose ids do not fit the model's token embedding: exit 2 naming both, not an IndexError."""
     model = make_hf_checkpoint(tmp_path / "m", text_config=dict(vocab_size=1000, eos_token_id=999, bos_token_id=998))
@@ -98,9 +133,10 @@ def test_uncached_alias_names_what_was_typed_and_the_hub_id(image_folder, tmp_pa
 # stdin, stdout and stderr
 
 
-def test_two_stdin_readers_are_refused_before_either_reads(image_folder):
+@pytest.mark.parametrize("command", [("classify",), ("organize", "--into", "sorted")])
+def test_two_stdin_readers_are_refused_before_either_reads(image_folder, command):
     """--labels-file - with --files-from -: the usage error says so, even when stdin is empty (it said "no labels")."""
-    assert_usage_error(invoke("classify", "--files-from", "-", "--labels-file", "-", input=""),
+    assert_usage_error(invoke(*command, "--files-from", "-", "--labels-file", "-", input=""),
                        "--labels-file", "--files-from", "stdin")
 
 

@@ -707,6 +707,40 @@ def test_undo_after_copy_then_move(tiny_model_dir, photos, tmp_path):
     assert {k: v[:2] for k, v in snapshot(photos).items()} == {k: v[:2] for k, v in before.items()}
 
 
+def test_undo_that_cannot_remove_a_copy_reports_it_and_goes_on(tiny_model_dir, photos, tmp_path, monkeypatch):
+    # A label folder the user may no longer write (root may write anything, so the refusal is made here).
+    dest = tmp_path / "sorted"
+    assert organize_cli(tiny_model_dir, photos, "-l", ",".join(LABELS), "--into", dest).exit_code == 0
+    copies = [r["destination"] for r in log_records(dest) if r["action"] == "copy"]
+    locked = copies[0]
+    unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):
+        if os.fspath(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    back = organize_cli(tiny_model_dir, "--undo", dest)
+    assert back.exit_code == 1 and "Traceback" not in back.stderr, back.stderr
+    assert f"{locked}: not undone: permission denied" in back.stderr.lower()
+    assert [c for c in copies if Path(c).exists()] == [locked]  # the others were undone
+    assert found(photos) == sorted(found(photos))  # the originals were never touched
+
+
+def test_a_log_that_cannot_be_read_or_written_is_one_line(tiny_model_dir, photos, tmp_path, monkeypatch):
+    dest = tmp_path / "sorted"
+    assert organize_cli(tiny_model_dir, photos, "-l", ",".join(LABELS), "--into", dest).exit_code == 0
+
+    def unreadable(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(organize, "read_lines", unreadable)
+    assert_usage_error(organize_cli(tiny_model_dir, "--undo", dest), "cannot read the log", "permission denied")
+    again = organize_cli(tiny_model_dir, photos, "-l", ",".join(LABELS), "--into", tmp_path / "other")
+    assert_usage_error(again, "cannot write the log", "clip-organize.jsonl", "permission denied")
+
+
 def test_undo_never_overwrites_and_keeps_what_changed(tiny_model_dir, photos, tmp_path):
     images = found(photos)
     dest = tmp_path / "sorted"
