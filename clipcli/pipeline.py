@@ -179,6 +179,7 @@ class Session:
         self._device_type, self._dtype = clip.device.type, clip.dtype_name
         self._record(clip)
         self._clip = clip
+        self._text_clip = None  # the whole model embeds texts too: the text tower alone is not kept beside it
 
     def _record(self, clip: Clip) -> None:
         """Keep what runs without a model need to know of it, here and in the index."""

@@ -218,7 +218,7 @@ def cached_models() -> list[CachedModel]:
 
     try:
         cache = scan_cache_dir(hub_cache())
-    except (CacheNotFound, OSError):
+    except (CacheNotFound, OSError, ValueError):  # ValueError: the cache path is a file, not a folder
         return []
     found = []
     for repo in cache.repos:

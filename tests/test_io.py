@@ -629,6 +629,11 @@ def test_clip_models_lists_the_cache_and_the_aliases(hub_cache, monkeypatch):
     empty = subprocess.run([*clip_command(), "models"], capture_output=True, timeout=60,
                            env=clip_env(HF_HUB_CACHE=str(hub_cache / "none")))
     assert empty.returncode == 0 and "none yet" in empty.stdout.decode()
+    a_file = hub_cache.parent / "not-a-folder"
+    a_file.write_text("")
+    empty = subprocess.run([*clip_command(), "models"], capture_output=True, timeout=60,
+                           env=clip_env(HF_HUB_CACHE=str(a_file)))
+    assert empty.returncode == 0 and "none yet" in empty.stdout.decode() and b"Traceback" not in empty.stderr
 
 
 @pytest.mark.parametrize("alias", ["ViT-B-32", "vit-b-32", "VIT-B-32", "ViT-B/32"])
