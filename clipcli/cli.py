@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from clipcli.config import ACTIVATIONS  # light: imports nothing heavy
 from clipcli.errors import UsageError
 from clipcli.process import (
     EXIT_SOME_FAILED,
@@ -119,7 +120,7 @@ ExcludeOpt = Annotated[list[str] | None, typer.Option(
 
 
 class Engine(str, Enum):
-    """--engine values (engines.ENGINES)."""
+    """--engine values: local (pipeline.Session, this process) or ray (clipcli.engines)."""
 
     local = "local"
     ray = "ray"
@@ -865,9 +866,6 @@ class ConvertDtype(str, Enum):
     bf16 = "bf16"
 
 
-ACTIVATION_NAMES = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
-
-
 @command("convert-weights", cls=ClipCommand)
 @handle_errors
 def convert_weights(
@@ -877,7 +875,7 @@ def convert_weights(
     dtype: Annotated[ConvertDtype, typer.Option(
         metavar="[fp32|fp16|bf16]", help="Precision of the saved weights.")] = ConvertDtype.fp32,
     activation: Annotated[str | None, typer.Option(
-        metavar="NAME", autocompletion=lambda: list(ACTIVATION_NAMES),
+        metavar="NAME", autocompletion=lambda: list(ACTIVATIONS),
         help="hidden_act of both towers: quick_gelu (OpenAI; the default for checkpoint files), gelu (some "
         "OpenCLIP models), or gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish. Overrides config.json "
         "when SRC is a directory.")] = None,

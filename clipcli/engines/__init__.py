@@ -7,7 +7,6 @@ from types import ModuleType
 
 from clipcli.errors import UsageError
 
-ENGINES = ("local", "ray")
 RAY_INSTALL = "pip install 'clipcli[ray]'"
 _EXTRA = ("ray", "pyarrow", "pandas")  # what the extra installs (ray[data] brings pandas)
 
