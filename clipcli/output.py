@@ -71,8 +71,8 @@ class Layout:
 class RowWriter:
     """Writes a command's records (dicts) in one format to stdout or to a file, a batch at a time.
 
-    Any command with results per input uses it the same way (classify; search, duplicates, eval and
-    organize --dry-run with their own Layout)::
+    Any command with results per input uses it the same way (classify; search and duplicates with their own
+    Layout)::
 
         with RowWriter(output, "jsonl", layout) as rows:   # output None or "-": stdout
             for batch in work:
@@ -589,14 +589,10 @@ def render_index_summary(summary: Summary) -> str:
 
 def render_plan(steps: Sequence[Step], score: str = "prob") -> str:
     """`clip organize --dry-run`'s plan: a header, then one line per image, `source -> destination`, its label (`-`
-    below --min-score), its top score and the action; columns aligned, a row never wrapped."""
-    rows = [("source", "", "destination", "label", "score", "action")]
-    rows += [(display_line(step.source), "->", display_line(step.destination),
-              "-" if step.label is None else display_line(step.label), _score_text(step.score, score), step.action)
-             for step in steps]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "".join("  ".join([*(row[i].ljust(width) for i, width in enumerate(widths)), row[-1]]) + "\n"
-                   for row in rows)
+    below --min-score), its top score and the action; columns aligned (table_text), a row never wrapped."""
+    return table_text(["source", "", "destination", "label", "score", "action"],
+                      [[step.source, "->", step.destination, "-" if step.label is None else step.label,
+                        _score_text(step.score, score), step.action] for step in steps])
 
 
 # ---------------------------------------------------------------------------------------------- clip eval

@@ -880,3 +880,16 @@ def test_place_sends_scores_below_min_score_to_unsure():
         assert organizer.place([os.path.join(folder, "a.png"), os.path.join(folder, "b.png")], scores) == []
         assert [(s.label, os.path.basename(os.path.dirname(s.destination))) for s in organizer.steps] == [
             ("dog", "dog"), (None, UNSURE)]
+
+
+def test_the_dry_run_plan_aligns_wide_characters():
+    """Columns line up in terminal cells: a CJK label or file name takes two cells a character."""
+    from rich.cells import cell_len
+
+    from clipcli.output import render_plan
+
+    steps = [organize.Step("photos/猫.jpg", "sorted/猫/猫.jpg", "猫", 0.9, "copy"),
+             organize.Step("photos/dog.jpg", "sorted/dog/dog.jpg", "dog", 0.25, "move")]
+    lines = render_plan(steps).splitlines()
+    starts = {cell_len(line[:line.rindex("  ") + 2]) for line in lines}  # where the last column begins
+    assert len(lines) == 3 and len(starts) == 1, lines
