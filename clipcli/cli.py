@@ -257,13 +257,10 @@ def classify(
 
     _one_stdin_reader(("--labels-file", labels_file), ("--files-from", files_from))  # before either reads
     label_list = _read_labels(labels, labels_file)
-    target = None if output is None or output == "-" else output
-    chosen = out.choose_format(output, fmt.value if fmt is not None else None)
+    target, chosen = _rows_output(output, fmt, "classify", html=True)
     out.check_labels_for(chosen, label_list)
     prompt_templates = _templates(template, templates)
     pipeline.check_score(score.value, min_score)
-    if target is not None:
-        out.check_writable(Path(target))
     if engine == Engine.ray:
         _ray_engine()  # installed, before any work
     images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
@@ -453,8 +450,7 @@ def index_command(
               out.progress_bar(len(images), quiet) as advance):
             counts = pipeline.index_images(session, images, progress=advance)
         failures.extend(counts.failures)
-        for failure in sorted(failures, key=lambda f: f.path):
-            eprint(f"{failure.path}: {failure.reason}")
+        _print_failures(failures)
         eprint(f"indexed {len(images)} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
                f"{counts.unchanged} unchanged, {len(failures)} failed")
         if info:
@@ -477,7 +473,7 @@ def index_command(
         finally:
             store.close()
         if store.problem is not None:
-            raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
+            raise _not_an_index(location, store.problem)
     if info or not (prune or clear):
         _show_index(location)
 
@@ -493,8 +489,12 @@ def _show_index(location: Path) -> None:
     finally:
         store.close()
     if summary is None:
-        raise UsageError(f"the index {location} {store.problem}; give --index the path of a clipcli index")
+        raise _not_an_index(location, store.problem)
     write_stdout(out.render_index_summary(summary))
+
+
+def _not_an_index(location: Path, problem: str | None) -> UsageError:
+    return UsageError(f"the index {location} {problem}; give --index the path of a clipcli index")
 
 
 @command(cls=ClipCommand)
@@ -656,11 +656,9 @@ def eval_command(
     from clipcli import output as out
 
     prompt_templates = _templates(template, templates)
-    chosen = out.choose_format(None if output is None else str(output), fmt.value if fmt is not None else None)
+    target, chosen = _rows_output(None if output is None else str(output), fmt, "eval", html=True)
+    output = None if target is None else Path(target)
     names = evaluate.parse_class_names(_read_lines(class_names, "--class-names")) if class_names else None
-    output = None if output is None or str(output) == "-" else output
-    if output is not None:
-        out.check_writable(output)
     from clipcli.inputs import Exclude
 
     _size_limit(max_megapixels)
@@ -845,12 +843,13 @@ def duplicates(
     _finish(failures)
 
 
-def _rows_output(output: str | None, fmt: Format | None, name: str) -> tuple[str | None, str]:
-    """-o as a file to write (None: stdout), checked writable before any work, and the format to write."""
+def _rows_output(output: str | None, fmt: Format | None, name: str, html: bool = False) -> tuple[str | None, str]:
+    """-o as a file to write (None: stdout), checked writable before any work, and the format to write; "html"
+    (a report) only for a command that writes one."""
     from clipcli import output as out
 
     chosen = out.choose_format(output, fmt.value if fmt is not None else None)
-    if chosen == "html":
+    if chosen == "html" and not html:
         raise UsageError(f"clip {name} writes no HTML report; use -o NAME.json, .jsonl or .csv, or a table file")
     target = None if output is None or output == "-" else output
     if target is not None:
@@ -1133,9 +1132,13 @@ def _ray_engine() -> ModuleType:
     return ray_engine()
 
 
-def _finish(failures: list[Failure]) -> None:
+def _print_failures(failures: list[Failure]) -> None:
     for failure in sorted(failures, key=lambda f: f.path):  # walk and decode failures, in one path order
         eprint(f"{failure.path}: {failure.reason}")
+
+
+def _finish(failures: list[Failure]) -> None:
+    _print_failures(failures)
     if failures:
         eprint(f"{len(failures)} input(s) failed; the others were processed")
         raise typer.Exit(EXIT_SOME_FAILED)
