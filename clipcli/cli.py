@@ -272,7 +272,7 @@ def classify(
         for label in label_set.truncated:
             warn(f"label '{label}' is longer than the model's {session.info.context_length}-token context and "
                  "was truncated")
-        order: PathOrder[dict] = PathOrder(failures)  # the walk's failures, put between the rows by path
+        order: PathOrder[dict | out.JsonLine] = PathOrder(failures)  # the walk's failures, put between rows by path
         # Rows go out batch by batch; the HTML report (report.py) needs them all, so for it they are kept.
         rows = None if chosen == "html" else out.RowWriter(target, chosen, out.classify_layout(label_list, score.value))
         found: list[str] = []
@@ -284,7 +284,8 @@ def classify(
                     found.extend(batch.paths)
                     kept.append(batch.scores)
                     continue
-                records = out.classify_records(batch.paths, batch.scores, label_list, top_k, min_score)
+                encode = out.classify_jsonl if chosen == "jsonl" else out.classify_records
+                records = encode(batch.paths, batch.scores, label_list, top_k, min_score)
                 rows.write(_records(order.batch(zip(batch.paths, records, strict=True), batch.failures)))
             if rows is not None:
                 rows.write(_records(order.rest()))
@@ -1061,7 +1062,7 @@ def _megapixels(value: str) -> float | None:
     return number
 
 
-def _records(items: list) -> list[dict]:
+def _records(items: list) -> list:
     """Rows in path order for a RowWriter: records as they are, failures as {"path", "error"} rows."""
     from clipcli.inputs import Failure
     from clipcli.output import failure_record

@@ -118,10 +118,10 @@ class RowWriter:
         else:
             self.abort()
 
-    def write(self, records: Sequence[dict]) -> None:
+    def write(self, records: Sequence[dict | JsonLine]) -> None:
         """Write one batch of records (in order); flushed when going to a stream."""
         if self.fmt == "table":
-            self._held.extend(records)
+            self._held.extend(records)  # type: ignore[arg-type]  # dicts: JsonLine is for jsonl only
         elif records:
             self._emit("".join(self._encode(record) for record in records))
 
@@ -163,7 +163,11 @@ class RowWriter:
 
     # ------------------------------------------------------------------------------------------ encoding
 
-    def _encode(self, record: dict) -> str:
+    def _encode(self, record: dict | JsonLine) -> str:
+        if isinstance(record, JsonLine):
+            if self.fmt != "jsonl":
+                raise ValueError(f"an encoded JSON line cannot be written as {self.fmt}")
+            return record + "\n"
         if self.fmt == "jsonl":
             return _json(record) + "\n"
         if self.fmt == "json":
@@ -232,6 +236,38 @@ def classify_records(paths: Sequence[str], probs: np.ndarray, labels: Sequence[s
         "top": [{"label": labels[i], "score": row[i]} for i in order],
         "scores": dict(zip(labels, row, strict=True)),
     } for path, row, order, top in zip(paths, rows, orders, best, strict=True)]
+
+
+class JsonLine(str):
+    """A record already encoded as one line of JSON, as _json writes it (without the line's end): RowWriter writes it
+    as it is, in jsonl only."""
+
+    __slots__ = ()
+
+
+def classify_jsonl(paths: Sequence[str], probs: np.ndarray, labels: Sequence[str], top_k: int,
+                   min_score: float | None = None) -> list[JsonLine]:
+    """classify_records, encoded: each record's JSON line exactly as RowWriter would write the dict, several times
+    faster (a warm run of 10,000 images spent a third of its time in json). The labels' parts are encoded once,
+    and each score is written once for both the top and the scores of its row."""
+    encoded = [_json_string(label) for label in labels]
+    top_parts = ['{"label": ' + label + ', "score": ' for label in encoded]
+    scores_form = "{" + ", ".join(label.replace("%", "%%") + ": %s" for label in encoded) + "}"
+    best = scoring.top_labels(probs, min_score).tolist()
+    orders = np.argsort(-probs, axis=1, kind="stable")[:, :top_k].tolist()
+    finite = np.isfinite(probs).all(axis=1).tolist()
+    number = float.__repr__  # json's own float text (finite numbers; NaN and infinities take the dict's way)
+    lines = []
+    for at, (path, row, order, top, plain) in enumerate(zip(paths, probs.tolist(), orders, best, finite, strict=True)):
+        if not plain:
+            lines.append(JsonLine(_json(classify_records([path], probs[at:at + 1], labels, top_k, min_score)[0])))
+            continue
+        text = [*map(number, row)]
+        label = encoded[top] if top >= 0 else "null"
+        tops = ", ".join([top_parts[i] + text[i] + "}" for i in order])
+        lines.append(JsonLine(f'{{"path": {_json_string(display_path(path))}, "label": {label}, '
+                              f'"score": {text[order[0]]}, "top": [{tops}], "scores": {scores_form % tuple(text)}}}'))
+    return lines
 
 
 def failure_record(path: str, reason: str) -> dict:
@@ -429,6 +465,15 @@ _ONE_LINE_JSON = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps w
 def _json(value: object, indent: int | None = None) -> str:
     text = json.dumps(value, ensure_ascii=False, indent=indent) if indent else _ONE_LINE_JSON.encode(value)
     return text.translate(_JSON_LINE_BREAKS) if not text.isascii() else text
+
+
+def _json_string(text: str) -> str:
+    """A string as _json writes it, quotes included."""
+    encoded = _encode_json_string(text)
+    return encoded.translate(_JSON_LINE_BREAKS) if not encoded.isascii() else encoded
+
+
+_encode_json_string = json.encoder.encode_basestring  # the C encoder's, non-ASCII kept
 
 
 def check_writable(path: Path, stream_ok: bool = True) -> None:

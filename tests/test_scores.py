@@ -215,3 +215,39 @@ def test_pipeline_classify_score_kinds(tiny_model_dir, image_folder):
             pipeline.check_score(kind, bad)
     pipeline.check_score("cosine", -1.0)
     pipeline.check_score("prob", 0.0)
+
+
+HOSTILE_LABELS = ['say "hi"', "back\\slash", "100%", "%s", "tab\tand\nnewline", "line\u2028sep", "nel\u0085",
+                  "é ☃ 🐈", "\x00nul", "{}"]
+
+
+@pytest.mark.parametrize("min_score", [None, 0.2])
+@pytest.mark.parametrize("top_k", [1, 3, 20])
+def test_jsonl_rows_are_encoded_as_json_encodes_the_records(tmp_path, top_k, min_score):
+    """classify_jsonl (the fast encoder of jsonl rows) writes exactly what the records through json would: hostile
+    labels and paths, labels left out by --min-score, top_k beyond the labels, negative, zero and non-finite
+    scores."""
+    from clipcli.output import JsonLine, RowWriter, classify_jsonl, classify_layout, classify_records
+
+    rng = np.random.default_rng(7)
+    scores = rng.uniform(-1, 1, (9, len(HOSTILE_LABELS))).astype(np.float32)
+    scores[1] = 0.0
+    scores[2, 0] = -0.0
+    scores[3, 4] = np.nan
+    scores[4, 1] = np.inf
+    scores[5, :] = -np.inf
+    scores[6] = 1e-30
+    paths = ["a.jpg", 'q"uote.jpg', "new\nline.jpg", "ls\u2028.jpg", "bad-\udcff.jpg", "dir/é.png", "\\b.png",
+             "%d.png", "/abs/x.JPG"]
+    fast = classify_jsonl(paths, scores, HOSTILE_LABELS, top_k, min_score)
+    slow = classify_records(paths, scores, HOSTILE_LABELS, top_k, min_score)
+    assert all(isinstance(line, JsonLine) for line in fast)
+    written = []
+    for name, records in (("fast.jsonl", fast), ("slow.jsonl", slow)):
+        with RowWriter(tmp_path / name, "jsonl", classify_layout(HOSTILE_LABELS, "cosine")) as writer:
+            writer.write(records)
+        written.append((tmp_path / name).read_bytes())
+    assert written[0] == written[1]
+    assert written[0].count(b"\n") == 9 and "\u2028".encode() not in written[0] and "\u0085".encode() not in written[0]
+    with pytest.raises(ValueError, match="cannot be written as csv"):
+        RowWriter(None, "csv", classify_layout(HOSTILE_LABELS, "cosine")).write(fast)
