@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from clipcli.errors import UsageError
-from clipcli.fsutil import finish_file, folder_of, new_file_mode, remove_file, temp_file, temp_prefix
+from clipcli.fsutil import finish_file, open_temp_file, remove_file, temp_file
 from clipcli.output import display_path, resolved_path, write_error
 
 EXTENSIONS = (".npy", ".parquet")
@@ -129,11 +128,9 @@ class NpyWriter:
         self.sidecar = resolved_path(sidecar_path(Path(path)))  # beside the name given, wherever a link points
         self.meta_file = resolved_path(meta_path(Path(path)))
         try:
-            fd, self._rows_file = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".rows",
-                                                   dir=folder_of(self.path))
+            self._rows, self._rows_file = open_temp_file(self.path, "wb", suffix=".rows")
         except OSError as err:
             raise write_error(self.path, err) from None
-        self._rows = os.fdopen(fd, "wb")
         self._names: list[str] = []
         self._width: int | None = None
 
@@ -197,10 +194,10 @@ class ParquetWriter:
         self.given = Path(path)
         self.path = resolved_path(Path(path))
         try:
-            fd, self._temp = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".part", dir=folder_of(self.path))
+            handle, self._temp = open_temp_file(self.path, "wb")  # pyarrow writes it by name
+            handle.close()
         except OSError as err:
             raise write_error(self.path, err) from None
-        os.close(fd)
         self._writer: Any = None
         self._names: list[str] = []
         self._rows: list[np.ndarray] = []
@@ -250,7 +247,6 @@ class ParquetWriter:
             self._writer.close()
             with open(self._temp, "rb+") as handle:
                 finish_file(handle)
-            os.chmod(self._temp, new_file_mode(self.path))  # not mkstemp's private 0600
             os.replace(self._temp, self.path)
         except OSError as err:
             self.abort()

@@ -41,15 +41,29 @@ def folder_of(path: Path) -> Path:
     return Path(path).parent if str(Path(path).parent) else Path(".")
 
 
-@contextmanager
-def temp_file(path: Path, mode: str = "w") -> Iterator[tuple[IO, str]]:
-    """An open temp file beside `path` and its name; removed at the end unless renamed into place by then."""
+def open_temp_file(path: Path, mode: str = "w", suffix: str = ".part") -> tuple[IO, str]:
+    """A new temp file beside `path`, hidden and named after it, with the permissions a file written at `path` gets
+    (mkstemp makes it private), open in `mode` (text: UTF-8, undecodable names' bytes kept); and its name. The
+    caller renames it into place or removes it (remove_file)."""
     path = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".part", dir=folder_of(path))
+    fd, temp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=folder_of(path))
     try:
-        os.chmod(temp, new_file_mode(path))  # mkstemp makes it private (0600); give it what open() would
+        os.chmod(temp, new_file_mode(path))
         handle: IO = (os.fdopen(fd, mode) if "b" in mode else
                       os.fdopen(fd, mode, encoding="utf-8", errors="surrogateescape", newline=""))
+    except BaseException:
+        os.close(fd)
+        remove_file(temp)
+        raise
+    return handle, temp
+
+
+@contextmanager
+def temp_file(path: Path, mode: str = "w") -> Iterator[tuple[IO, str]]:
+    """An open temp file beside `path` (open_temp_file) and its name; removed at the end unless renamed into place
+    by then."""
+    handle, temp = open_temp_file(path, mode)
+    try:
         with handle:
             yield handle, temp
     finally:

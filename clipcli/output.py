@@ -23,7 +23,7 @@ import numpy as np
 
 from clipcli import scoring
 from clipcli.errors import OptionError, UsageError, os_reason
-from clipcli.fsutil import atomic_file, finish_file, folder_of, new_file_mode, remove_file, temp_prefix
+from clipcli.fsutil import atomic_file, finish_file, folder_of, open_temp_file, remove_file, temp_prefix
 
 if TYPE_CHECKING:
     from clipcli.index import Summary
@@ -103,11 +103,9 @@ class RowWriter:
             assert self.target is not None
             final = resolved_path(self.target)
             try:
-                fd, self._temp = tempfile.mkstemp(prefix=temp_prefix(final), suffix=".part", dir=folder_of(final))
-                os.chmod(self._temp, new_file_mode(final))  # mkstemp makes it private; give it what open() would
+                self._handle, self._temp = open_temp_file(final)
             except OSError as err:
                 raise write_error(self.target, err) from None
-            self._handle = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
 
     def __enter__(self) -> RowWriter:
         return self
