@@ -114,15 +114,6 @@ class TopK:
         return self._positions.copy(), self._scores.copy()
 
 
-def top_k(embeddings: np.ndarray, query: np.ndarray, k: int, block: int = BLOCK * 16) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) float32 unit rows and a (D,) unit query -> (positions, cosines) of the k best rows, best first, equal
-    cosines in row order; `block` rows at a time."""
-    best = TopK(k)
-    for start in range(0, len(embeddings), block):
-        best.add(np.dot(embeddings[start:start + block], query))
-    return best.result()
-
-
 @dataclass(frozen=True)
 class Hit:
     path: str

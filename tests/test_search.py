@@ -360,10 +360,6 @@ def test_top_k_is_exact_with_ties_in_input_order():
         expected = sorted(range(count), key=lambda i: (-scores[i], i))[:k]
         assert positions.tolist() == expected
         np.testing.assert_array_equal(values, scores[expected])
-    matrix = unit(rng.standard_normal((1000, 8))).astype(np.float32)
-    query = matrix[17]
-    positions, values = search.top_k(matrix, query, 5, block=64)
-    assert positions[0] == 17 and positions.tolist() == np.argsort(-(matrix @ query), kind="stable")[:5].tolist()
 
 
 def clustered(rng: np.random.Generator, count: int, width: int, spread: float) -> np.ndarray:
