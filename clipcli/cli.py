@@ -666,6 +666,9 @@ def eval_command(
     data = evaluate.find_dataset(dataset, names, Exclude(tuple(exclude or ())))
     if data.stray:
         warn(f"{len(data.stray)} image(s) directly in '{dataset}' belong to no class folder and were left out")
+    if data.unused_names:
+        warn(f"--class-names names {len(data.unused_names)} folder(s) that are not class folders of '{dataset}' "
+             f"(e.g. '{out.display_line(data.unused_names[0])}'); their lines were not used")
     _warn_if_no_images(data.paths, data.failures)
     if output is not None:
         out.check_not_an_input([output], data.paths)

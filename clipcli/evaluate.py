@@ -23,7 +23,9 @@ class Dataset:
 
     `labels[c]` is class c's text (its folder name unless --class-names maps it); `paths` are every image found under
     the class folders, sorted, and `targets[i]` (int64) the class of `paths[i]`. `failures` are folders that could not
-    be walked; `stray` are images lying in the dataset folder itself, outside every class folder (left out)."""
+    be walked; `stray` are images lying in the dataset folder itself, outside every class folder (left out);
+    `unused_names` are the folders --class-names names that are not class folders here (a names file made for a
+    larger dataset), in the file's order."""
 
     root: str
     folders: list[str]
@@ -32,6 +34,7 @@ class Dataset:
     targets: np.ndarray
     failures: list[Failure]
     stray: list[str]
+    unused_names: list[str] = dataclasses.field(default_factory=list)
 
 
 def parse_class_names(lines: Iterable[str]) -> dict[str, str]:
@@ -57,8 +60,8 @@ def find_dataset(root: str, class_names: Mapping[str, str] | None = None, exclud
     """The classes and images of `root` (ImageFolder layout: each non-hidden subfolder is a class, walked recursively).
     `exclude` patterns are relative to `root`: a class folder they match is no class.
 
-    UsageError when `root` is not a folder with class folders, when `class_names` names a folder that is not there,
-    or when two classes would get the same label."""
+    UsageError when `root` is not a folder with class folders, when `class_names` names none of them, or when two
+    classes would get the same label."""
     if not os.path.lexists(root):
         raise OptionError("dataset", root, "does not exist", "give a folder with one subfolder of images per class")
     if not os.path.isdir(root):
@@ -85,9 +88,9 @@ def find_dataset(root: str, class_names: Mapping[str, str] | None = None, exclud
                           "put each class's images in a subfolder named after the class")
     names = dict(class_names or {})
     unknown = [folder for folder in names if folder not in {entry.name for entry in folders}]
-    if unknown:
-        raise OptionError("class_names", None, f"folder '{unknown[0]}' is not a class folder of '{root}'",
-                          "name only folders that are in DATASET in {option}")
+    if names and len(unknown) == len(names):
+        raise OptionError("class_names", None, f"names none of the class folders of '{root}' (e.g. folder "
+                          f"'{unknown[0]}' is not one)", "give {option} lines 'folder<TAB>label' for DATASET's folders")
     labels = [names.get(entry.name, entry.name) for entry in folders]
     _check_labels(labels, [entry.name for entry in folders])
     target_of: dict[str, int] = {}
@@ -101,7 +104,7 @@ def find_dataset(root: str, class_names: Mapping[str, str] | None = None, exclud
     paths = sorted(target_of)
     return Dataset(root, [entry.name for entry in folders], labels, paths,
                    np.array([target_of[p] for p in paths], dtype=np.int64),
-                   sorted(failures, key=lambda f: f.path), stray)
+                   sorted(failures, key=lambda f: f.path), stray, unknown)
 
 
 def _check_labels(labels: Sequence[str], folders: Sequence[str]) -> None:

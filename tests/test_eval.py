@@ -319,7 +319,7 @@ def test_exclude_and_max_megapixels_apply_to_the_dataset(tiny_model_dir, tmp_pat
     ("file", [], ["is not a folder", "one subfolder of images per class"]),
     ("flat", [], ["has no class folders"]),
     ("tree", ["--class-names", "{names}"], ["--class-names", "line 2 has no tab", "folder<TAB>label"]),
-    ("tree", ["--class-names", "{unknown}"], ["--class-names", "folder 'zebra' is not a class folder"]),
+    ("tree", ["--class-names", "{unknown}"], ["--class-names", "names none of the class folders", "'zebra'"]),
     ("tree", ["--class-names", "{same}"], ["--class-names", "would both be labelled 'pet'"]),
     ("tree", ["--class-names", "{missing}"], ["--class-names", "does not exist"]),
     ("tree", ["-t", "no placeholder"], ["--template", "has no {}"]),
@@ -340,6 +340,21 @@ def test_usage_errors(tiny_model_dir, tmp_path, setup, args, fragments):
     args = [a.format(**{n: tmp_path / f"{n}.tsv" for n in [*files, "missing"]}) for a in args]
     result = invoke("eval", root, *args, "-m", tiny_model_dir)
     assert_usage_error(result, *fragments)
+
+
+def test_class_names_for_a_larger_dataset_are_used_for_the_folders_present(tiny_model_dir, dataset, tmp_path):
+    # A names file made for the whole dataset (e.g. all of ImageNet's classes) on a subset of its folders: the lines
+    # of the folders present are used, the others are named in one warning.
+    larger = tmp_path / "larger.tsv"
+    larger.write_text(dataset.names_file.read_text(encoding="utf-8") + "zebra\tstriped horse\nyak\thairy ox\n",
+                      encoding="utf-8")
+    want = invoke(*eval_args(dataset, tiny_model_dir, "-f", "json"))
+    result = invoke("eval", dataset.root, "--class-names", larger, "-m", tiny_model_dir, "--no-index", "-f", "json")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert result.stdout == want.stdout and json.loads(result.stdout)["labels"] == LABELS
+    warnings = [line for line in result.stderr.splitlines() if "--class-names" in line]
+    assert len(warnings) == 1 and "2 folder(s)" in warnings[0] and "'zebra'" in warnings[0], result.stderr
+    assert "--class-names" not in want.stderr
 
 
 def test_format_must_be_one_eval_has(tiny_model_dir, dataset):
