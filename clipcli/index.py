@@ -306,14 +306,22 @@ class Index:
                 return found
             keys = _PathKeys()
             states = {keys(path): (path, state) for path, state in files}
+            known = states.get
+            # The checksum and the comparison written out (not _memo_crc and _stat_key): this loop runs once per
+            # file of every run.
+            pack, crc32 = _MEMO_FIELDS.pack, zlib.crc32
             for rows in self._memo_rows(list(states)):
-                for key, dev, ino, size, mtime, ctime, racy, digest, crc in rows:
-                    if key not in states:
+                for row in rows:
+                    item = known(row[0])
+                    if item is None:
                         continue
-                    if crc != _memo_crc(key, dev, ino, size, mtime, ctime, racy, digest):
+                    key, dev, ino, size, mtime, ctime, racy, digest, crc = row
+                    if crc != crc32(key + pack(dev, ino, size, mtime, ctime, racy) + digest):
                         raise IndexProblem("is damaged (a file entry fails its checksum)")
-                    path, state = states[key]
-                    found[path] = (digest, not racy and (dev, ino, size, mtime, ctime) == _stat_key(state))
+                    path, state = item
+                    found[path] = (digest, not racy and mtime == state.st_mtime_ns and ctime == state.st_ctime_ns
+                                   and size == state.st_size and (ino & _UINT64) == state.st_ino
+                                   and (dev & _UINT64) == state.st_dev)
         return found
 
     def _memo_rows(self, keys: list[bytes]) -> Iterator[Iterable[tuple]]:
@@ -459,21 +467,23 @@ class Index:
             flat = memoryview(b"")
             keys: list[bytes] = []
             sizes: list[int] = []
+            at = step = 0  # where the next row goes in `flat`, and a row's bytes
+            entry, crc32 = vectors.get, zlib.crc32
             for rows in batches:
                 for vector, data, crc in rows:
-                    key = vectors.get(vector)
+                    key = entry(vector)
                     if key is None:
                         continue
                     digest, pixels = key
-                    if zlib.crc32(data, zlib.crc32(_image_key(digest, pixels))) != crc:
+                    if crc32(data, crc32(digest + pixels.to_bytes(8, "little"))) != crc:  # _image_key, written out
                         raise IndexProblem("is damaged (an entry fails its checksum)")
                     if not keys:
                         matrix = np.empty((len(vectors), len(data) // 4), dtype="<f4")
-                        flat = matrix.data.cast("B")
-                    step = 4 * matrix.shape[1]
+                        flat, step = matrix.data.cast("B"), 4 * matrix.shape[1]
                     if len(data) != step:
                         raise IndexProblem("is damaged (features of different lengths for one model)")
-                    flat[len(keys) * step:(len(keys) + 1) * step] = data
+                    flat[at:at + step] = data
+                    at += step
                     keys.append(digest)
                     sizes.append(pixels)
             flat.release()
@@ -654,8 +664,12 @@ def _int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+_MEMO_FIELDS = struct.Struct("<5qB")  # dev, ino, size, mtime_ns, ctime_ns, racy: what a memo entry's checksum covers
+_UINT64 = (1 << 64) - 1  # a stored (signed) device or inode number back to the unsigned one stat gives
+
+
 def _memo_crc(key: bytes, dev: int, ino: int, size: int, mtime: int, ctime: int, racy: int, digest: bytes) -> int:
-    return zlib.crc32(key + struct.pack("<5qB", dev, ino, size, mtime, ctime, racy) + digest)
+    return zlib.crc32(key + _MEMO_FIELDS.pack(dev, ino, size, mtime, ctime, racy) + digest)
 
 
 def _writable(path: Path) -> bool:
