@@ -207,6 +207,11 @@ class RowWriter:
             raise write_error(self.target or Path("-"), err) from None
 
 
+def _csv_number(value: float) -> str:
+    """A score in csv: 9 significant digits, which give a float32 score back exactly (csv is for programs)."""
+    return f"{value:.9g}"
+
+
 def _csv_line(cells: Sequence[object]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(["" if cell is None else cell for cell in cells])
@@ -288,8 +293,9 @@ def classify_layout(labels: Sequence[str], score: str = "prob") -> Layout:
     empty); the table shows the top-k labels, probabilities as percentages and cosines as they are (`score`)."""
 
     def cells(record: dict) -> dict[str, object]:
-        scores = {label: f"{p:.6g}" for label, p in record["scores"].items()}
-        return {"path": record["path"], "label": record["label"] or "", "score": f"{record['score']:.6g}", **scores}
+        scores = {label: _csv_number(p) for label, p in record["scores"].items()}
+        return {"path": record["path"], "label": record["label"] or "", "score": _csv_number(record["score"]),
+                **scores}
 
     return Layout(csv_columns=(*CSV_COLUMNS, *labels, "error"), csv_cells=cells,
                   table=functools.partial(classify_table, score=score))
@@ -328,8 +334,8 @@ def search_records(hits: Sequence[tuple[str, float]]) -> list[dict]:
 
 def search_layout() -> Layout:
     """search's rows: csv path,score,error; the table shows rank, score and path."""
-    return Layout(csv_columns=SEARCH_CSV_COLUMNS, csv_cells=lambda r: {"path": r["path"], "score": f"{r['score']:.6g}"},
-                  table=search_table)
+    return Layout(csv_columns=SEARCH_CSV_COLUMNS,
+                  csv_cells=lambda r: {"path": r["path"], "score": _csv_number(r["score"])}, table=search_table)
 
 
 def search_table(records: list[dict], width: int | None, color: bool) -> str:
@@ -350,7 +356,7 @@ def duplicates_layout() -> Layout:
     numbers = iter(range(1, 1 << 62))
 
     def lines(record: dict) -> list[dict[str, object]]:
-        number, size, score = next(numbers), len(record["paths"]), f"{record['min_score']:.6g}"
+        number, size, score = next(numbers), len(record["paths"]), _csv_number(record["min_score"])
         return [{"group": number, "size": size, "min_score": score, "path": path} for path in record["paths"]]
 
     return Layout(csv_columns=DUPLICATES_CSV_COLUMNS, csv_lines=lines, table=duplicates_table)

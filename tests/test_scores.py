@@ -69,6 +69,17 @@ def test_cosine_scores_match_transformers(tiny_model_dir, in_images_parent, refe
     assert not np.allclose(got.sum(-1), 1, atol=1e-2)
 
 
+@pytest.mark.parametrize("score", ["prob", "cosine"])
+def test_csv_scores_are_the_float32_scores_of_json(tiny_model_dir, in_images_parent, score):
+    # csv is for programs: its numbers give back exactly the float32 scores that json holds.
+    common = ["classify", in_images_parent, "-l", ",".join(LABELS), "--score", score, "-m", tiny_model_dir]
+    rows = {fmt: rows_of(fmt, invoke(*common, "-f", fmt).stdout, LABELS) for fmt in ("csv", "json")}
+    got = np.array([[r["score"], *r["scores"].values()] for r in rows["csv"]], dtype=np.float32)
+    want = np.array([[r["score"], *r["scores"].values()] for r in rows["json"]], dtype=np.float32)
+    assert got.shape == (len(expected_paths(in_images_parent)), 1 + len(LABELS))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_cosine_scores_with_a_template_ensemble(tiny_model_dir, in_images_parent, reference):
     args = [a for t in TWO_TEMPLATES for a in ("-t", t)]
     result = invoke("classify", in_images_parent, "-l", ",".join(LABELS), *args, "--score", "cosine", "-f", "jsonl",
