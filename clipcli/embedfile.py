@@ -1,5 +1,5 @@
 """Embedding files, chosen by the output's extension: `.npy` with `.paths.txt` (row names) and `.meta.json` (which
-model made them) beside it, or `.parquet` (columns path/text and embedding, the same metadata in its schema; needs
+model made them) beside it, or `.parquet` (columns path (+ text) and embedding, the same metadata in its schema; needs
 the optional pyarrow). Rows are streamed as they come, so memory stays flat, and every file appears complete or not
 at all. Engines (local, Ray) feed the same writers batch by batch; knows nothing of models or images."""
 
@@ -36,8 +36,10 @@ class EmbeddingMeta:
     content: str = "images"  # or "texts"
 
     @property
-    def name_column(self) -> str:
-        return "path" if self.content == "images" else "text"
+    def name_columns(self) -> tuple[str, ...]:
+        """The parquet columns that name each row: `path`, which texts fill too (as the sidecar's lines), so that
+        every embeddings file is read the same way; and for texts, `text`, which says what they are."""
+        return ("path",) if self.content == "images" else ("path", "text")
 
     def to_json(self, rows: int, dims: int) -> dict[str, Any]:
         from importlib.metadata import version
@@ -182,7 +184,8 @@ class NpyWriter:
 
 class ParquetWriter:
     """Streams rows into a Parquet file (pyarrow's ParquetWriter, one row group per ~32 MiB of rows, so memory stays
-    flat): a `path` (or `text`) string column and an `embedding` column of fixed-size float32 lists, with
+    flat): a `path` string column (and for texts a `text` column, the same strings) and an `embedding` column of
+    fixed-size float32 lists, with
     EmbeddingMeta.to_json() as JSON under the schema metadata key b"clipcli". Written to a temp file beside the
     target and renamed into place by close()."""
 
@@ -224,7 +227,8 @@ class ParquetWriter:
         try:
             if self._writer is None:
                 embedding = pa.list_(pa.float32(), width)
-                schema = pa.schema([pa.field(self.meta.name_column, pa.string()), pa.field("embedding", embedding)])
+                schema = pa.schema([*(pa.field(name, pa.string()) for name in self.meta.name_columns),
+                                    pa.field("embedding", embedding)])
                 # The row count is known only at the end: the schema carries everything else, and rows is left out.
                 info = {k: v for k, v in self.meta.to_json(0, width).items() if k != "rows"}
                 schema = schema.with_metadata({METADATA_KEY: json.dumps(info).encode("utf-8")})
@@ -234,7 +238,8 @@ class ParquetWriter:
             rows = np.concatenate(self._rows) if len(self._rows) > 1 else self._rows[0]
             names = pa.array([display_path(name) for name in self._names], type=pa.string())
             vectors = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=pa.float32()), width)
-            self._writer.write_table(pa.Table.from_arrays([names, vectors], schema=self._writer.schema))
+            columns = [names] * len(self.meta.name_columns)
+            self._writer.write_table(pa.Table.from_arrays([*columns, vectors], schema=self._writer.schema))
         except OSError as err:
             raise write_error(self.path, err) from None
         self._names, self._rows, self._pending = [], [], 0

@@ -355,7 +355,8 @@ def test_embed_parquet_matches_npy(tiny_model_dir, image_folder, tmp_path):
     text = tmp_path / "t.parquet"
     ok(invoke("embed", "--text", "a cat", "--text", "a dog", "-o", text, "-m", tiny_model_dir))
     table, meta = read_parquet(text)
-    assert table.column_names == ["text", "embedding"] and table.column("text").to_pylist() == ["a cat", "a dog"]
+    assert table.column_names == ["path", "text", "embedding"]
+    assert table.column("path").to_pylist() == table.column("text").to_pylist() == ["a cat", "a dog"]
     assert meta["content"] == "texts"
 
 
