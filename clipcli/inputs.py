@@ -6,6 +6,7 @@ lists only, never image bytes."""
 from __future__ import annotations
 
 import os
+import stat
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -81,7 +82,8 @@ def find_images(inputs: Sequence[str], exclude: Exclude | None = None, listed: S
 
     `inputs` are PATH arguments: one that does not exist is a UsageError. `listed` are paths from a file list: one
     that does not exist is a Failure, so a stale list does not stop the run. Each real directory is visited once,
-    so symlink loops end; the folders in `skip` (an output folder inside an input) are never entered."""
+    so symlink loops end, and under the name it was given when it was given (not as a link to it inside another
+    input); the folders in `skip` (an output folder inside an input) are never entered."""
     exclude = exclude or Exclude()
     for name in inputs:
         if not os.path.lexists(name):
@@ -95,9 +97,10 @@ def find_images(inputs: Sequence[str], exclude: Exclude | None = None, listed: S
         except OSError:
             continue  # not there (yet): nothing in it to skip
         seen_dirs.add((info.st_dev, info.st_ino))
+    named = {key for key in map(_directory_key, [*inputs, *listed]) if key is not None}
     for name in [*inputs, *listed]:
         if os.path.isdir(name):
-            _walk(name, found, failures, seen_dirs, exclude)
+            _walk(name, found, failures, seen_dirs, exclude, named)
         elif not os.path.lexists(name):
             failures.append(Failure(name, "no such file (named in the file list)"))
         elif not exclude.matches(os.path.basename(name), name, name, False):
@@ -106,10 +109,20 @@ def find_images(inputs: Sequence[str], exclude: Exclude | None = None, listed: S
     return sorted(found), sorted(unique.values(), key=lambda f: f.path)
 
 
+def _directory_key(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the directory at `path` (through links), None when it is not one."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
 def _walk(directory: str, found: set[str], failures: list[Failure], seen: set[tuple[int, int]],
-          exclude: Exclude) -> None:
+          exclude: Exclude, named: set[tuple[int, int]]) -> None:
     # Depth-first with an explicit stack, not recursion: a tree nested deeper than Python's recursion limit
-    # (a few thousand short folder names fit in a path) is walked like any other.
+    # (a few thousand short folder names fit in a path) is walked like any other. A folder inside it that is also
+    # `named` (an input of its own) is walked as that input.
     stack = [(directory, "")]  # (folder, its path relative to `directory`)
     while stack:
         folder, relative = stack.pop()
@@ -119,7 +132,7 @@ def _walk(directory: str, found: set[str], failures: list[Failure], seen: set[tu
             failures.append(Failure(folder, os_reason(err)))
             continue
         key = (info.st_dev, info.st_ino)
-        if key in seen:
+        if key in seen or (relative and key in named):
             continue
         seen.add(key)
         try:

@@ -568,6 +568,28 @@ def test_max_megapixels_bad_values(tiny_model_dir, image_folder, value, pixel_li
                        "--max-megapixels", "none")
 
 
+def test_a_folder_given_is_listed_under_its_own_name_whatever_links_to_it(tmp_path):
+    from clipcli.inputs import find_images
+
+    photos, other = tmp_path / "photos", tmp_path / "other"
+    (photos / "2020").mkdir(parents=True)
+    other.mkdir()
+    for path in (photos / "a.jpg", photos / "2020" / "b.jpg", other / "c.jpg"):
+        path.write_bytes(b"x")
+    os.symlink("../photos", other / "link")  # other/link/... is photos/... again
+    want = [str(other / "c.jpg"), str(photos / "2020" / "b.jpg"), str(photos / "a.jpg")]
+    for order in ([other, photos], [photos, other]):  # whichever comes first
+        assert find_images([str(p) for p in order])[0] == want
+    # Not given itself, the linked folder is walked once, under the link's name.
+    assert find_images([str(other)])[0] == [str(other / "c.jpg"), str(other / "link" / "2020" / "b.jpg"),
+                                             str(other / "link" / "a.jpg")]
+    # A folder given inside another one given: listed once, the same names either way.
+    assert find_images([str(photos), str(photos / "2020")])[0] == [str(photos / "2020" / "b.jpg"),
+                                                                   str(photos / "a.jpg")]
+    listed = find_images([str(other)], listed=[str(photos)])[0]  # --files-from names folders too
+    assert listed == want
+
+
 def test_image_extensions_include_heic_heif_avif(tmp_path, tiny_model_dir):
     from clipcli.inputs import find_images
 
