@@ -452,8 +452,9 @@ def index_command(
             counts = pipeline.index_images(session, images, progress=advance)
         failures.extend(counts.failures)
         _print_failures(failures)
-        eprint(f"indexed {len(images)} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
-               f"{counts.unchanged} unchanged, {len(failures)} failed")
+        indexed = counts.new + counts.updated + counts.unchanged
+        eprint(f"indexed {indexed} image(s) in {location}: {counts.new} new, {counts.updated} updated, "
+               f"{counts.unchanged} unchanged, {len(failures)} failed; the model ran on {session.computed_images}")
         if info:
             _show_index(location)
         if failures:

@@ -290,9 +290,16 @@ def test_a_model_with_other_weights_under_the_same_path_is_a_new_model(tiny_mode
 
 def summary(result) -> tuple[int, int, int, int]:
     line = result.stderr.strip().splitlines()[-1]
-    found = re.search(r"(\d+) new, (\d+) updated, (\d+) unchanged, (\d+) failed", line)
+    found = re.search(r"indexed (\d+) image\(s\) in .*: (\d+) new, (\d+) updated, (\d+) unchanged, (\d+) failed; "
+                      r"the model ran on (\d+)$", line)
     assert found, result.stderr
-    return tuple(int(n) for n in found.groups())  # type: ignore[return-value]
+    indexed, new, updated, unchanged, failed, computed = (int(n) for n in found.groups())
+    assert indexed == new + updated + unchanged and computed <= new + updated, line
+    return new, updated, unchanged, failed
+
+
+def model_runs(result) -> int:
+    return int(result.stderr.strip().splitlines()[-1].rsplit(" ", 1)[1])
 
 
 def test_index_command_counts_new_updated_unchanged_and_failed(tiny_model_dir, folder, tmp_path):
@@ -302,9 +309,13 @@ def test_index_command_counts_new_updated_unchanged_and_failed(tiny_model_dir, f
     photo(50, 50, seed=99).save(folder / "p0.png")  # changed in place
     photo(20, 20, seed=98).save(folder / "new.png")
     (folder / "broken.png").write_bytes(b"not a png")
+    os.symlink("gone.png", folder / "dangling.png")  # fails in the walk, not when read
     result = run("index", folder, "-m", tiny_model_dir, index=index, expect=1)
-    assert summary(result) == (1, 1, 5, 1)
+    assert summary(result) == (1, 1, 5, 2) and model_runs(result) == 2
     assert f"{folder / 'broken.png'}: not an image file" in result.stderr
+    os.rename(folder / "new.png", folder / "renamed.png")  # a new path, known content: nothing to compute
+    renamed = run("index", folder, "-m", tiny_model_dir, index=index, expect=1)
+    assert summary(renamed) == (1, 0, 6, 2) and model_runs(renamed) == 0
 
 
 def test_index_info_prune_and_clear(tiny_model_dir, folder, tmp_path):
