@@ -357,7 +357,7 @@ def embed(
         raise UsageError("give image PATHs (or --files-from) or --text/--text-file, not both")
     if not (text or text_file) and not images_given:
         raise UsageError("nothing to embed; pass image files/folders, --files-from FILE, or --text TEXT")
-    texts = list(text or []) + (_read_lines(text_file, "--text-file") if text_file else [])
+    texts = list(text or []) + (_read_lines(text_file, "--text-file", strip=False) if text_file else [])
     for item in texts:
         _check_utf8("--text", item)
     if (text or text_file) and not texts:
@@ -1004,13 +1004,16 @@ def _read_bytes(path: Path | str, option: str) -> bytes:
         raise UsageError(f"cannot read {option} '{path}': {err.strerror or err}; give a readable text file") from None
 
 
-def _read_lines(path: Path, option: str) -> list[str]:
-    """The stripped non-blank lines of a UTF-8 text file (a leading byte-order mark dropped); '-' is stdin."""
+def _read_lines(path: Path, option: str, *, strip: bool = True) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (a leading byte-order mark dropped); '-' is stdin. Stripped of
+    surrounding white space (names: labels, classes); else (texts) only the line's end, LF or CRLF, is taken off."""
     try:
         raw = _read_bytes(path, option).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise UsageError(f"cannot read {option} '{path}': {err}; give a UTF-8 text file") from None
-    return [line.strip() for line in raw.splitlines() if line.strip()]
+    if strip:
+        return [line.strip() for line in raw.splitlines() if line.strip()]
+    return [line.removesuffix("\r") for line in raw.split("\n") if line.strip()]
 
 
 def _one_stdin_reader(*options: tuple[str, object]) -> None:

@@ -611,16 +611,18 @@ def test_embed_no_normalize_is_raw_features(tiny_model_dir, in_images_parent, re
 
 def test_embed_texts_match_reference(tiny_model_dir, reference, tmp_path):
     text_file = tmp_path / "texts.txt"
-    text_file.write_text("a photo of a cat\n\n  a dog  \n\n", encoding="utf-8")
+    text_file.write_text("a photo of a cat\n\n  a dog  \n \t\nsep\u2028arated\r\n\n", encoding="utf-8")
     npy = tmp_path / "text.npy"
     result = invoke("embed", "--text", "a red car", "--text", "two\nlines", "--text-file", text_file, "-o", npy,
                     "-m", tiny_model_dir)
-    assert_wrote(result, npy, 4)
+    assert_wrote(result, npy, 5)
     rows, names = load_embeddings(npy)
-    texts = ["a red car", "two\nlines", "a photo of a cat", "a dog"]  # --text first, then the file's lines, stripped
-    assert names == [t.replace("\n", "\\n") for t in texts]  # a line break inside a text is written as \n
+    # --text first, then the file's lines as written: only line ends (LF, CRLF) split them, blank ones are skipped.
+    texts = ["a red car", "two\nlines", "a photo of a cat", "  a dog  ", "sep\u2028arated"]
+    # A line break inside a text is written as \n (and U+2028 as \u2028), so that each text keeps one line.
+    assert names == [t.replace("\n", "\\n").replace("\u2028", "\\u2028") for t in texts]
     want = reference.text_features(texts)  # no template applied
-    assert rows.shape == (4, 16)
+    assert rows.shape == (5, 16)
     assert cosines(rows, want).min() >= 0.99999
     np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1, atol=1e-5)
     raw = tmp_path / "raw.npy"
