@@ -234,6 +234,13 @@ def read_tokenizer(files: ModelFiles, config: CLIPConfig) -> ClipTokenizer:
         tokenizer, source = ClipTokenizer.from_files(directory, context_length), f"the tokenizer in {directory}"
     else:
         tokenizer, source = ClipTokenizer.bundled(context_length), "OpenAI's CLIP tokenizer (the model has none)"
+        # Every CLIP trained with OpenAI's BPE has exactly its vocabulary; a model with another one (a multilingual
+        # CLIP) would take these ids as the wrong tokens and give wrong scores without a word.
+        if tokenizer.vocab_size != config.text.vocab_size:
+            where = f"the model folder {directory}" if directory is not None else "the checkpoint"
+            raise UsageError(f"{where} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt), and its "
+                             f"vocab_size {config.text.vocab_size} is not that of OpenAI's CLIP tokenizer "
+                             f"({tokenizer.vocab_size}); add the model's tokenizer files")
     # Ids past the token embedding would fail inside the model on the first text (EOS, the largest, is in every one).
     if tokenizer.vocab_size > config.text.vocab_size:
         raise UsageError(f"{source} has {tokenizer.vocab_size} tokens but the model's vocab_size is "

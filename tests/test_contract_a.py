@@ -115,6 +115,23 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_a_setup_error(tmp_path, i
         assert_usage_error(invoke(*args, "-m", model, "--no-index"), "vocab_size", "1000", "49408")
 
 
+def test_a_model_folder_without_tokenizer_files(tmp_path, image_folder, tiny_model_dir, reference):
+    """OpenAI's BPE stands in for missing tokenizer files when the model has exactly its vocabulary (the same
+    results); a model with another vocabulary would get the wrong tokens: exit 2 naming the missing files."""
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    assert invoke("embed", "--text", "a cat", "-m", bare, "-o", tmp_path / "b.npy", "--no-index").exit_code == 0
+    np.testing.assert_allclose(np.load(tmp_path / "b.npy"), unit(__import__("torch").from_numpy(
+        reference.text_features(["a cat"]))).numpy(), atol=1e-5)
+    other = make_hf_checkpoint(tmp_path / "other", text_config=dict(vocab_size=60000))
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (other / name).unlink(missing_ok=True)
+    assert_usage_error(invoke("classify", image_folder, "-l", "cat,dog", "-m", other, "--no-index"),
+                       "no tokenizer files", "tokenizer.json", "60000", "49408")
+
+
 def test_empty_model_name_is_named_as_such(image_folder):
     line = assert_usage_error(invoke("classify", image_folder, "-l", "cat,dog", "-m", ""), "empty")
     assert "'.'" not in line
