@@ -11,7 +11,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,8 @@ from clipcli.preprocess import (
 from clipcli.resolve import DEFAULT_MODEL, ModelFiles, resolve
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from clipcli.loader import Clip
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -337,6 +338,8 @@ class Session:
                 released.append((work.path, work.outcome))
             return released
 
+        from concurrent.futures import ThreadPoolExecutor  # here: a run answered from the index starts no threads
+
         with ThreadPoolExecutor(max_workers=self.settings.workers or default_workers(),
                                 thread_name_prefix="clip-decode") as pool:
             for stretch in self._prepared(pool, todo, variant):
@@ -370,6 +373,8 @@ class Session:
             for chunk in chunks:
                 yield self._prepare(pool, chunk, variant)
             return
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-ahead") as background:
             queued: deque[Future] = deque()
             try:
