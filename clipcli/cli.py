@@ -597,10 +597,12 @@ def organize(
                     failures.extend(batch.failures)
                     failures.extend(organizer.place(batch.paths, batch.scores))
         except (KeyboardInterrupt, Terminated) as stop:
-            if not dry_run:
-                eprint(f"{'interrupted' if isinstance(stop, KeyboardInterrupt) else 'terminated'} after "
-                       f"{len(organizer.steps)} of {len(images)} image(s); {organizer.log.path} records what was "
-                       "done; run the same command again to finish")
+            stopped = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated"
+            if dry_run:
+                eprint(f"{stopped}; nothing was changed (--dry-run) and no plan was printed")
+            else:
+                eprint(f"{stopped} after {len(organizer.steps)} of {len(images)} image(s); {organizer.log.path} "
+                       "records what was done; run the same command again to finish")
             raise typer.Exit(EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED) from None
     _warn_if_one_label(label_list, score.value)
     if dry_run:

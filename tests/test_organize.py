@@ -534,6 +534,21 @@ def test_move_across_file_systems_interrupted_then_finished(tiny_model_dir, phot
     assert "1 already there (source removed)" in done.stderr
 
 
+def test_an_interrupted_dry_run_says_nothing_was_changed(tiny_model_dir, photos, tmp_path, monkeypatch):
+    from clipcli import organize
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(organize.Organizer, "place", interrupted)
+    dest = tmp_path / "sorted"
+    result = organize_cli(tiny_model_dir, photos, "-l", ",".join(LABELS), "--into", dest, "--dry-run")
+    assert result.exit_code == 130 and result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "interrupted; nothing was changed (--dry-run) and no plan was printed"
+    assert not dest.exists()
+
+
 def test_move_across_file_systems_of_a_source_that_cannot_go(tiny_model_dir, photos, tmp_path, monkeypatch):
     crossing_file_systems(monkeypatch)
     real_unlink = os.unlink
