@@ -448,11 +448,8 @@ class Organizer:
         return [path for path in images if not self._inside(path)]
 
     def _inside(self, path: str) -> bool:
-        absolute = os.path.abspath(path)
-        where = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
-        if os.path.isdir(absolute):
-            where = os.path.realpath(absolute)
-        return where == self.real or where.startswith(self.real.rstrip(os.sep) + os.sep)
+        where = os.path.realpath(path) if os.path.isdir(path) else _real_location(path)
+        return where == self.real or _is_under(where, self.real)
 
     # ------------------------------------------------------------------------------------------ the run
 
@@ -634,6 +631,17 @@ class UndoResult:
     failures: list[Failure]
 
 
+def _real_location(path: str) -> str:
+    """Where `path` really is: its folder's real path joined with its own name (a link itself is not followed)."""
+    absolute = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+
+
+def _is_under(where: str, folder: str) -> bool:
+    """Whether the real path `where` lies inside the real folder `folder` (not the folder itself)."""
+    return where.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def undo(dest: str | os.PathLike[str]) -> UndoResult:
     """Undo the actions DEST's log records (newest first) that are not undone yet: moved files go back to where they
     were, copies and links this tool made are removed, a source removed beside an identical file is restored from
@@ -667,8 +675,7 @@ def undo(dest: str | os.PathLike[str]) -> UndoResult:
                 remove_temp_files(folder)  # an interrupted undo's copies back across file systems
             for n, record in reversed(todo):
                 target = record["destination"]
-                inside = os.path.join(os.path.realpath(os.path.dirname(target)), os.path.basename(target))
-                if not inside.startswith(real.rstrip(os.sep) + os.sep):
+                if not _is_under(_real_location(target), real):
                     failures.append(Failure(target, "is not inside DEST: left alone"))
                     continue
                 try:
