@@ -238,6 +238,8 @@ class RaySession(Session):
         self._log: _DriverLog | None = None
         self._printer: Any = None  # Ray's printer of cluster messages, while ours stands in for it
         self._plan: Plan | None = None
+        self._cluster: Cluster | None = None  # what the cluster has, asked once
+        self._payload: ModelPayload | None = None  # the model as the workers get it, put in the object store once
 
     def __enter__(self) -> RaySession:
         self.start()
@@ -292,7 +294,8 @@ class RaySession(Session):
         if self._plan is None:
             self.start()
             self.clip  # noqa: B018 (the plan's dtype check imports torch; the model is loaded by then)
-            self._plan = plan_for(cluster_resources(), self.requested.device, self.requested.dtype)
+            self._cluster = cluster_resources()
+            self._plan = plan_for(self._cluster, self.requested.device, self.requested.dtype)
         return self._plan
 
     @property
@@ -310,8 +313,10 @@ class RaySession(Session):
         draft = config.draft_size if self.settings.fast_decode else None
         done = 0
         try:
-            model = ModelPayload.put(self.clip)
-            dataset = _dataset(paths, plan, model, config, draft, self.settings.batch_size, cluster_resources().cpus)
+            if self._payload is None:
+                self._payload = ModelPayload.put(self.clip)
+            assert self._cluster is not None  # asked with the plan
+            dataset = _dataset(paths, plan, self._payload, config, draft, self.settings.batch_size, self._cluster.cpus)
             for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 index = block["index"]
                 if not len(index):
@@ -374,6 +379,7 @@ class RaySession(Session):
         """Leave the cluster (a local Ray is shut down) and remove its temp files."""
         if self._started:
             self._started = False
+            self._payload = None  # its object is gone with the cluster connection
             ray.shutdown()
         if self._printer is not None:
             _restore_cluster_messages(self._printer)
