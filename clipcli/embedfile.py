@@ -151,7 +151,7 @@ class NpyWriter:
         """Finish: the .npy (header + rows), sidecar and meta to temp files, then renamed into place, .npy last."""
         count, width = len(self._names), self._width or width
         try:
-            self._rows.close()
+            self._rows.flush()  # kept open (and locked) until the rows are copied: fsutil.remove_stale_temp_files
             # Every file is complete on disk before any is renamed, and the .npy is renamed last: a new .npy never
             # stands beside an old sidecar, and an interruption before the renames leaves the old files.
             with temp_file(self.sidecar, "w") as (names, names_temp), \
@@ -173,6 +173,7 @@ class NpyWriter:
         except OSError as err:
             raise write_error(self.path, err) from None
         finally:
+            self._rows.close()
             remove_file(self._rows_file)
         return Written(count, width, (self.given, sidecar_path(self.given), meta_path(self.given)))
 
@@ -185,9 +186,8 @@ class NpyWriter:
 class ParquetWriter:
     """Streams rows into a Parquet file (pyarrow's ParquetWriter, one row group per ~32 MiB of rows, so memory stays
     flat): a `path` string column (and for texts a `text` column, the same strings) and an `embedding` column of
-    fixed-size float32 lists, with
-    EmbeddingMeta.to_json() as JSON under the schema metadata key b"clipcli". Written to a temp file beside the
-    target and renamed into place by close()."""
+    fixed-size float32 lists, with EmbeddingMeta.to_json() as JSON under the schema metadata key b"clipcli". Written
+    to a temp file beside the target and renamed into place by close()."""
 
     GROUP_BYTES = 32 << 20
 
@@ -197,8 +197,8 @@ class ParquetWriter:
         self.given = Path(path)
         self.path = resolved_path(Path(path))
         try:
-            handle, self._temp = open_temp_file(self.path, "wb")  # pyarrow writes it by name
-            handle.close()
+            # pyarrow writes it by name; this handle only holds its lock until close() or abort()
+            self._held, self._temp = open_temp_file(self.path, "wb")
         except OSError as err:
             raise write_error(self.path, err) from None
         self._writer: Any = None
@@ -250,8 +250,7 @@ class ParquetWriter:
         try:
             self._flush(width)
             self._writer.close()
-            with open(self._temp, "rb+") as handle:
-                finish_file(handle)
+            finish_file(self._held)  # fsync covers what pyarrow wrote through its own handle
             os.replace(self._temp, self.path)
         except OSError as err:
             self.abort()
@@ -266,6 +265,7 @@ class ParquetWriter:
             except Exception:  # pyarrow's errors on a half-written file: the file is removed anyway
                 pass
             self._writer = None
+        self._held.close()
         remove_file(self._temp)
 
 

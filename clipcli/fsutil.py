@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,9 +33,13 @@ def new_file_mode(path: Path) -> int:
         return 0o666 & ~umask()
 
 
+TEMP_MARK = "clipcli-"  # in the name of every temp file made beside a target: what remove_stale_temp_files may remove
+STALE_AFTER_S = 60  # a temp file changed more recently than this may be one a writer has just made, not yet locked
+
+
 def temp_prefix(path: Path) -> str:
     """Hidden, named after the target, and short enough that a temp name fits where the target's name fits."""
-    return f".{Path(path).name[:120]}."
+    return f".{Path(path).name[:120]}.{TEMP_MARK}"
 
 
 def folder_of(path: Path) -> Path:
@@ -44,18 +50,69 @@ def folder_of(path: Path) -> Path:
 def open_temp_file(path: Path, mode: str = "w", suffix: str = ".part") -> tuple[IO, str]:
     """A new temp file beside `path`, hidden and named after it, with the permissions a file written at `path` gets
     (mkstemp makes it private), open in `mode` (text: UTF-8, undecodable names' bytes kept); and its name. The
-    caller renames it into place or removes it (remove_file)."""
+    caller renames it into place or removes it (remove_file).
+
+    The open file holds a lock (flock) until it is closed, which tells it from the temp files of a run that was
+    killed (SIGKILL, a crash) before it could remove them: those, beside the same target, are removed now."""
     path = Path(path)
     fd, temp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=folder_of(path))
     try:
         os.chmod(temp, new_file_mode(path))
+        locked = _try_lock(fd)
         handle: IO = (os.fdopen(fd, mode) if "b" in mode else
                       os.fdopen(fd, mode, encoding="utf-8", errors="surrogateescape", newline=""))
     except BaseException:
         os.close(fd)
         remove_file(temp)
         raise
+    if locked:  # where locks do not work (some network file systems), a live writer could not be told apart
+        remove_stale_temp_files(path, suffix)
     return handle, temp
+
+
+def remove_stale_temp_files(path: Path, suffix: str) -> list[str]:
+    """Remove the temp files (open_temp_file's, with `suffix`) that a killed run left beside `path`: named as this
+    package names them, a regular file, changed more than STALE_AFTER_S ago, and locked by no live writer. Returns
+    the names removed. Best effort: what cannot be looked at is left alone."""
+    folder = folder_of(path)
+    name = re.compile(re.escape(temp_prefix(path)) + r"[a-z0-9_]{8}" + re.escape(suffix))
+    removed: list[str] = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not name.fullmatch(entry):
+            continue
+        candidate = os.path.join(folder, entry)
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and time.time() - info.st_mtime > STALE_AFTER_S and _try_lock(fd):
+                os.unlink(candidate)
+                removed.append(candidate)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on the open file without waiting; False when another process holds one, or when this
+    file system or platform has no locks."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager

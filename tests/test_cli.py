@@ -773,6 +773,34 @@ def test_interrupted_embed_writes_nothing(tiny_model_dir, many_images, tmp_path,
         assert sorted(os.listdir(tmp_path)) == []
 
 
+@needs_proc
+@pytest.mark.parametrize("name", ["emb.npy", "emb.parquet", "rows.jsonl"])
+def test_temp_files_a_killed_run_left_are_removed_by_the_next_run(tiny_model_dir, many_images, image_folder,
+                                                                   tmp_path, name):
+    """SIGKILL leaves a run no time to remove its temp file (a .rows file holds every row embedded so far). The
+    next run writing the same output removes such files once nothing holds them (each writer keeps its own locked)
+    and they are older than a minute; other files, however they are named, are left alone."""
+    target = tmp_path / name
+    command = ["embed", "-o", target] if name.startswith("emb") else ["classify", "-l", "cat,dog", "-o", target]
+    proc = interrupt([*command, many_images, "--batch-size", "1", "--workers", "1", "--no-index",
+                      "-m", tiny_model_dir], signal.SIGKILL, reading_images_in(many_images, target))
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = temp_files(tmp_path)  # what the killed run left
+    hour_ago = time.time() - 3600
+    os.utime(tmp_path / left, (hour_ago, hour_ago))
+    suffix = left.rsplit(".", 1)[1]
+    fresh = tmp_path / f".{name}.clipcli-abcd1234.{suffix}"  # as a run that has only just begun would have
+    fresh.write_bytes(b"x")
+    others = [tmp_path / f".{name}.backup.{suffix}", tmp_path / f".{name}.clipcli-mine.{suffix}.keep"]
+    for other in others:
+        other.write_bytes(b"mine")
+        os.utime(other, (hour_ago, hour_ago))
+    done = run_clip(*command, image_folder, "--no-index", "-m", tiny_model_dir)
+    assert done.returncode == 0, done.stderr
+    assert temp_files(tmp_path) == sorted(p.name for p in [fresh, *others])
+    assert target.exists()
+
+
 @pytest.mark.parametrize("output", [[], ["-o", "/dev/stdout"]], ids=["stdout", "dev-stdout"])
 def test_reader_gone_exits_quietly(tiny_model_dir, image_folder, output):
     # `clip classify ... | head -0`: the reader has closed the pipe before anything is written.
@@ -872,3 +900,19 @@ def test_embed_warns_once_per_truncated_text(tmp_path, tiny_model_dir):
     assert lines[1].startswith(f"wrote 2 x 16 embeddings to {out_path}")
     assert np.load(out_path).shape == (2, 16)
     assert (tmp_path / "t.paths.txt").read_text().splitlines() == ["a cat", long_text]
+
+
+def test_a_temp_file_a_live_writer_holds_is_never_removed(tmp_path):
+    from clipcli.fsutil import STALE_AFTER_S, open_temp_file, remove_stale_temp_files
+
+    target = tmp_path / "out.jsonl"
+    handle, temp = open_temp_file(target)  # a writer at work (for hours: its file looks old)
+    old = time.time() - 10 * STALE_AFTER_S
+    os.utime(temp, (old, old))
+    assert remove_stale_temp_files(target, ".part") == [] and os.path.exists(temp)
+    second, other = open_temp_file(target)  # a second writer of the same output starts: the first keeps its file
+    assert os.path.exists(temp)
+    handle.close()  # the writer is gone without removing it (as after SIGKILL)
+    assert remove_stale_temp_files(target, ".part") == [temp] and not os.path.exists(temp)
+    second.close()
+    os.unlink(other)
