@@ -299,10 +299,11 @@ class Log:
     def _open(self) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(self.path, flags, 0o666)
-        existing = read_lines(self.path)
-        self.lines = len(existing)
-        if existing and not _ends_with_newline(self.path):  # a record cut short (power loss): end its line
-            os.write(fd, b"\n")
+        existing = read_log_bytes(self.path)  # only counted here (records are numbered by line), not parsed
+        cut_short = bool(existing) and not existing.endswith(b"\n")  # a record cut short (power loss)
+        self.lines = existing.count(b"\n") + cut_short  # as len(read_lines(...))
+        if cut_short:
+            os.write(fd, b"\n")  # end its line
         self._fd = fd
 
     def close(self) -> None:
@@ -311,19 +312,14 @@ class Log:
             self._fd = None
 
 
-def _ends_with_newline(path: str) -> bool:
+def read_log_bytes(path: str) -> bytes:
     with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() == 0:
-            return True
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
+        return handle.read()
 
 
 def read_lines(path: str) -> list[dict | None]:
     """The log's records by line number; None for a line that is not a JSON object (cut short by a crash)."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
+    raw = read_log_bytes(path)
     records: list[dict | None] = []
     lines = raw.split(b"\n")
     if lines[-1] == b"":  # the empty rest after the last line break (or an empty file)

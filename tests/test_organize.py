@@ -750,7 +750,7 @@ def test_a_log_that_cannot_be_read_or_written_is_one_line(tiny_model_dir, photos
     def unreadable(path):
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr(organize, "read_lines", unreadable)
+    monkeypatch.setattr(organize, "read_log_bytes", unreadable)
     assert_usage_error(organize_cli(tiny_model_dir, "--undo", dest), "cannot read the log", "permission denied")
     again = organize_cli(tiny_model_dir, photos, "-l", ",".join(LABELS), "--into", tmp_path / "other")
     assert_usage_error(again, "cannot write the log", "clip-organize.jsonl", "permission denied")
