@@ -107,19 +107,19 @@ def load(
 
 
 def load_files(files: ModelFiles, device: str = "auto", dtype: str = "auto", hidden_act: str | None = None,
-               text_only: bool = False) -> Clip:
+               text_only: bool = False, tokenizer: ClipTokenizer | None = None) -> Clip:
     """Load resolved model files onto `device` in `dtype`; UsageError when they cannot be loaded.
 
     `text_only` loads the text tower alone (a run whose images are all in the index needs no more): less to read,
-    the same text features."""
+    the same text features. `tokenizer`: the one an earlier load of the same files read (not read again)."""
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     config, state = read_model(files, hidden_act, text_only=text_only)
     stored = stored_dtype(state)
     model = check_model(files, config, state, text_only=text_only)
     clip_model = place_model(model, target_device, target_dtype, text_only=text_only)
-    return Clip(clip_model, read_tokenizer(files, config), read_preprocess(files, config), _describe(files),
-                target_dtype, text_only=text_only, weights_dtype=stored)
+    return Clip(clip_model, tokenizer or read_tokenizer(files, config), read_preprocess(files, config),
+                _describe(files), target_dtype, text_only=text_only, weights_dtype=stored)
 
 
 def stored_dtype(state: dict[str, torch.Tensor]) -> str:

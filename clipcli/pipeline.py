@@ -158,7 +158,10 @@ class Session:
         if self._clip is None:
             from clipcli.loader import load_files
 
-            self._use(load_files(self.files, device=self.settings.device, dtype=self.settings.dtype))
+            # After the text tower alone (the labels came first), its tokenizer serves: the files are the same.
+            known = self._text_clip.tokenizer if self._text_clip is not None else None
+            self._use(load_files(self.files, device=self.settings.device, dtype=self.settings.dtype,
+                                 tokenizer=known))
             assert self._clip is not None
         return self._clip
 

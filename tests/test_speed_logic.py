@@ -234,6 +234,24 @@ def test_labels_are_encoded_once_per_run(tiny_model_dir: Path, photos: list[str]
     assert calls == [4]  # labels x templates, one model call
 
 
+def test_a_cold_run_reads_the_tokenizer_once(tiny_model_dir: Path, photos: list[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The labels load the text tower alone, then the images the whole model: the tokenizer read for the first
+    # serves the second (the same files).
+    from clipcli import loader
+
+    reads: list[Path] = []
+    read_tokenizer = loader.read_tokenizer
+    monkeypatch.setattr(loader, "read_tokenizer", lambda files, config: reads.append(files) or read_tokenizer(files,
+                                                                                                            config))
+    run = session(tiny_model_dir, batch_size=2)
+    label_set = pipeline.label_embeddings(run, ["cat", "dog"], ["a photo of a {}."])
+    tokenizer = run.text_clip.tokenizer
+    assert run.text_clip.text_only
+    assert sum(len(b.paths) for b in pipeline.classify(run, photos, label_set)) == len(photos)
+    assert not run.clip.text_only and run.clip.tokenizer is tokenizer and len(reads) == 1
+
+
 # 4. batching and decoding
 
 
