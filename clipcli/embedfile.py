@@ -5,6 +5,7 @@ at all. Engines (local, Ray) feed the same writers batch by batch; knows nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -173,13 +174,15 @@ class NpyWriter:
         except OSError as err:
             raise write_error(self.path, err) from None
         finally:
-            self._rows.close()
+            with contextlib.suppress(OSError):  # the error that matters (a full disk, say) is already on its way
+                self._rows.close()
             remove_file(self._rows_file)
         return Written(count, width, (self.given, sidecar_path(self.given), meta_path(self.given)))
 
     def abort(self) -> None:
         """Drop everything written so far; nothing appears at the target paths."""
-        self._rows.close()
+        with contextlib.suppress(OSError):  # rows that cannot be flushed are dropped anyway
+            self._rows.close()
         remove_file(self._rows_file)
 
 

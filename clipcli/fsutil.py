@@ -38,8 +38,12 @@ STALE_AFTER_S = 60  # a temp file changed more recently than this may be one a w
 
 
 def temp_prefix(path: Path) -> str:
-    """Hidden, named after the target, and short enough that a temp name fits where the target's name fits."""
-    return f".{Path(path).name[:120]}.{TEMP_MARK}"
+    """Hidden, named after the target, and short enough that a temp name fits wherever the target's name fits: the
+    name is cut to 200 bytes (whole characters), well under the usual 255-byte limit with the rest added."""
+    name = Path(path).name[:200]
+    while len(os.fsencode(name)) > 200:
+        name = name[:-1]
+    return f".{name}.{TEMP_MARK}"
 
 
 def folder_of(path: Path) -> Path:

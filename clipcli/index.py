@@ -320,8 +320,8 @@ class Index:
                         raise IndexProblem("is damaged (a file entry fails its checksum)")
                     path, state = item
                     found[path] = (digest, not racy and mtime == state.st_mtime_ns and ctime == state.st_ctime_ns
-                                   and size == state.st_size and (ino & _UINT64) == state.st_ino
-                                   and (dev & _UINT64) == state.st_dev)
+                                   and size == state.st_size and ((ino - state.st_ino) & _UINT64) == 0
+                                   and ((dev - state.st_dev) & _UINT64) == 0)
         return found
 
     def _memo_rows(self, keys: list[bytes]) -> Iterator[Iterable[tuple]]:
@@ -665,7 +665,7 @@ def _int64(value: int) -> int:
 
 
 _MEMO_FIELDS = struct.Struct("<5qB")  # dev, ino, size, mtime_ns, ctime_ns, racy: what a memo entry's checksum covers
-_UINT64 = (1 << 64) - 1  # a stored (signed) device or inode number back to the unsigned one stat gives
+_UINT64 = (1 << 64) - 1  # a stored (signed) device or inode number equals stat's, signed or not, modulo 2**64
 
 
 def _memo_crc(key: bytes, dev: int, ino: int, size: int, mtime: int, ctime: int, racy: int, digest: bytes) -> int:

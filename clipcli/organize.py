@@ -628,8 +628,9 @@ class UndoResult:
 
 
 def _real_location(path: str) -> str:
-    """Where `path` really is: its folder's real path joined with its own name (a link itself is not followed)."""
-    absolute = os.path.abspath(path)
+    """Where `path` really is: its folder's real path joined with its own name (a link itself is not followed).
+    Not os.path.abspath: it would take `link/..` away as text, where the OS goes up from wherever `link` leads."""
+    absolute = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
     return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
 
 

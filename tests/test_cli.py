@@ -916,3 +916,33 @@ def test_a_temp_file_a_live_writer_holds_is_never_removed(tmp_path):
     assert remove_stale_temp_files(target, ".part") == [temp] and not os.path.exists(temp)
     second.close()
     os.unlink(other)
+
+
+def test_a_full_disk_when_the_last_rows_go_out_is_one_error(tmp_path):
+    # The rows file is flushed once more when it is closed: that second failure must not replace the error line.
+    import errno
+
+    from clipcli.embedfile import EmbeddingMeta, NpyWriter
+    from clipcli.errors import UsageError
+
+    writer = NpyWriter(tmp_path / "e.npy", EmbeddingMeta("m", "m", None, "fp32", True))
+    writer.add(["a.png"], np.ones((1, 4), dtype=np.float32))
+
+    class Full(io.BytesIO):
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real, writer._rows = writer._rows, Full()
+    with pytest.raises(UsageError, match="no space left"):
+        writer.close(4)
+    real.close()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_long_output_names_still_get_a_temp_file_beside_them(tmp_path):
+    from clipcli.output import RowWriter, classify_layout
+
+    target = tmp_path / ("日" * 78 + ".jsonl")  # 240 bytes: a temp name after it must not pass 255
+    with RowWriter(target, "jsonl", classify_layout(["cat"])) as rows:
+        rows.write([{"path": "a.png", "label": "cat", "score": 1.0, "top": [], "scores": {"cat": 1.0}}])
+    assert target.read_text().startswith('{"path": "a.png"') and os.listdir(tmp_path) == [target.name]

@@ -132,6 +132,25 @@ def test_a_warm_run_needs_no_model_and_reads_no_image(tiny_model_dir, folder, tm
     assert reads == [] and calls == before  # stat memo + stored features and prompts: no model, no bytes
 
 
+@pytest.mark.parametrize("dev", [-1, (1 << 64) - 5])
+def test_memo_matches_device_numbers_however_python_signs_them(tmp_path, dev):
+    # SQLite stores signed 64-bit integers; os.stat may give a device number as -1 (NODEV) or above 2**63.
+    from clipcli.index import FileRecord, Index
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"x")
+    real = os.stat(image)
+    fields = list(real)[:10]
+    fields[2] = dev
+    state = os.stat_result(fields, {k: getattr(real, k) for k in ("st_atime_ns", "st_mtime_ns", "st_ctime_ns")})
+    index = Index(tmp_path / "index.db", lambda message: pytest.fail(message))
+    try:
+        index.remember_files([FileRecord(str(image), state, b"d" * 16, time.time_ns() + 10 ** 10)])
+        assert index.known_digests([(str(image), state)]) == {str(image): b"d" * 16}
+    finally:
+        index.close()
+
+
 @pytest.mark.parametrize("path", ["a.jpg", "/y.png", "./a.jpg", "sub/a.jpg", "sub//a.jpg", "/abs/x/y.png",
                                   "../up/z.jpg", "sub/./a.jpg", "a/b/../c.jpg", "caf\udce9.jpg", "dir/", "//x.jpg",
                                   "/", ".", "sub/..", "~/home.jpg"])

@@ -908,3 +908,16 @@ def test_the_dry_run_plan_aligns_wide_characters():
     lines = render_plan(steps).splitlines()
     starts = {cell_len(line[:line.rindex("  ") + 2]) for line in lines}  # where the last column begins
     assert len(lines) == 3 and len(starts) == 1, lines
+
+
+def test_undo_follows_links_before_going_up(tmp_path):
+    # A logged destination DEST/link/../x, where link leads out of DEST, is outside DEST: the OS goes up from where
+    # the link leads, so a textual clean-up (link/.. -> nothing) must not decide it.
+    dest, outside = tmp_path / "dest", tmp_path / "elsewhere" / "deep"
+    dest.mkdir()
+    outside.mkdir(parents=True)
+    os.symlink(outside, dest / "link")
+    real = os.path.realpath(dest)
+    assert not organize._is_under(organize._real_location(f"{dest}/link/../x"), real)
+    assert organize._is_under(organize._real_location(f"{dest}/sub/../x"), real)
+    assert organize._is_under(organize._real_location(f"{dest}/label/x.png"), real)
