@@ -155,7 +155,8 @@ def _walk(directory: str, found: set[str], failures: list[Failure], seen: set[tu
                 continue
             if is_dir:
                 subfolders.append((entry.path, entry_relative))
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            elif (dot := entry.name.rfind(".")) > 0 and entry.name[dot:].lower() in IMAGE_EXTENSIONS:
+                # os.path.splitext's extension, for a name that does not start with a dot (those are skipped above)
                 if entry.is_symlink() and not os.path.exists(entry.path):
                     failures.append(Failure(entry.path, "broken symbolic link"))
                 else:
