@@ -30,6 +30,15 @@ def cosines(image_features: np.ndarray, label_embeddings: np.ndarray) -> np.ndar
     return np.dot(normalize(image_features), label_embeddings.T).astype(np.float32, copy=False)
 
 
+def cosines_to(image_features: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """(N, D) image features and one (D,) unit query -> (N,) float32 cosines, each row summed alone in the same order
+    (einsum's loop), so that identical images get identical scores wherever they sit in a batch: a BLAS product
+    rounds a row differently by its place (its kernels take rows in blocks), and equal scores must tie."""
+    if not len(image_features):
+        return np.zeros(0, dtype=np.float32)
+    return np.einsum("ij,j->i", normalize(image_features), query.astype(np.float32, copy=False))
+
+
 def probabilities(image_features: np.ndarray, label_embeddings: np.ndarray, logit_scale: float) -> np.ndarray:
     """(N, L) float32: softmax over labels of logit_scale * cosine, as CLIPModel's logits_per_image.softmax(-1);
     `logit_scale` is the factor itself (exp of the model's parameter)."""

@@ -137,7 +137,7 @@ def search(session: Session, paths: Sequence[str], query: QueryEmbedding, k: int
     ranked: list[str] = []
     failures: list[Failure] = []
     for batch in session.image_features(paths, progress):
-        best.add(scoring.cosines(batch.features, query.vector[None, :])[:, 0])
+        best.add(scoring.cosines_to(batch.features, query.vector))
         ranked.extend(batch.paths)
         failures.extend(batch.failures)
     positions, scores = best.result()

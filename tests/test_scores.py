@@ -262,3 +262,16 @@ def test_jsonl_rows_are_encoded_as_json_encodes_the_records(tmp_path, top_k, min
     assert written[0].count(b"\n") == 9 and "\u2028".encode() not in written[0] and "\u0085".encode() not in written[0]
     with pytest.raises(ValueError, match="cannot be written as csv"):
         RowWriter(None, "csv", classify_layout(HOSTILE_LABELS, "cosine")).write(fast)
+
+
+def test_cosines_to_one_query_scores_identical_rows_alike():
+    rng = np.random.default_rng(3)
+    query = scoring.normalize(rng.standard_normal((1, 512)).astype(np.float32))[0]
+    for rows in (1, 3, 5, 7, 13, 300):
+        features = rng.standard_normal((rows, 512)).astype(np.float32) * 3
+        features[::2] = features[0]  # the same image at many places in the batch
+        got = scoring.cosines_to(features, query)
+        assert got.dtype == np.float32 and got.shape == (rows,)
+        assert len(set(got[::2].tolist())) == 1
+        np.testing.assert_allclose(got, scoring.cosines(features, query[None, :])[:, 0], atol=1e-6)
+    assert scoring.cosines_to(np.zeros((0, 512), np.float32), query).shape == (0,)

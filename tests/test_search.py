@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from clipcli import search
 from clipcli.errors import OptionError
-from tests.conftest import assert_usage_error, photo
+from tests.conftest import assert_usage_error, make_hf_checkpoint, photo
 from tests.test_cli import Reference, clip_env, invoke
 
 COPIES = ["cropped.png", "orig.png", "reencoded.jpg", "resized.png"]  # sorted: the group known by construction
@@ -173,6 +173,15 @@ def test_equal_scores_come_in_path_order(tiny_model_dir, tmp_path):
                        "-f", "jsonl", "-m", tiny_model_dir))
         assert [row["path"] for row in got] == [str(folder / n) for n in [*names, "other.png"]][:k]
         assert len({row["score"] for row in got[:5]}) == 1
+    # Any query, with 512-wide embeddings: the copies' rows sit at different places in one product and must still
+    # score alike (a BLAS product rounds a row by its place, which split such ties).
+    wide = make_hf_checkpoint(tmp_path / "wide", projection_dim=512)
+    for query in (["a photo of a beach"], ["beach", "--add-image", folder / "z.png", "--subtract-image",
+                                           folder / "other.png"]):
+        got = rows(run("search", *query, folder, "-f", "jsonl", "-m", wide))
+        copies = [row for row in got if row["path"] != str(folder / "other.png")]
+        assert [row["path"] for row in copies] == [str(folder / n) for n in names]
+        assert len({row["score"] for row in copies}) == 1, copies
 
 
 def test_a_query_longer_than_the_context_is_truncated_with_a_warning(tiny_model_dir, known, reference,
