@@ -203,6 +203,15 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def same_bytes(a: str, b: str) -> bool:
     """True when the files at `a` and `b` (links followed) hold the same bytes."""
     try:
@@ -512,7 +521,11 @@ class Organizer:
             except OSError as err:
                 raise UsageError(f"cannot write into '{self.dest}': {os_reason(err)}; check the disk and the "
                                  "folder's permissions") from None
-            line = self.log.write(self._record(step))
+            try:
+                record = self._record(step)
+            except OSError as err:  # the identical file, read a moment ago, cannot be read now
+                return Failure(source, self._reason(err))
+            line = self.log.write(record)
             try:
                 self._do(step)
             except FileExistsError:  # taken since it was listed: plan again
@@ -583,9 +596,12 @@ class Organizer:
         self._ready.add(folder)
 
     def _record(self, step: Step) -> dict:
-        return {"action": step.action, "source": os.path.abspath(step.source),
-                "destination": os.path.abspath(step.destination), "label": step.label, "score": step.score,
-                "time": _now()}
+        record = {"action": step.action, "source": os.path.abspath(step.source),
+                  "destination": os.path.abspath(step.destination), "label": step.label, "score": step.score,
+                  "time": _now()}
+        if step.action == "remove-source":  # what undo restores the source from must still hold these bytes
+            record["sha256"] = file_sha256(step.destination)
+        return record
 
     def _do(self, step: Step) -> None:
         source, target = step.source, step.destination
@@ -704,6 +720,8 @@ def _undo_one(record: dict) -> str | Failure:
                 target, f"its original place '{source}' is taken by another file: not restored")
         if not os.path.lexists(target):
             return Failure(source, f"cannot be restored: the identical file '{target}' is gone")
+        if "sha256" in record and file_sha256(target) != record["sha256"]:  # logs written before it have none
+            return Failure(source, f"cannot be restored: the identical file '{target}' has changed since")
         return _put_back(target, source, copy_into_place, "restored")
     if not os.path.lexists(target):
         return "nothing to undo"  # never done (an interrupted run), or removed since

@@ -722,6 +722,24 @@ def test_undo_after_copy_then_move(tiny_model_dir, photos, tmp_path):
     assert {k: v[:2] for k, v in snapshot(photos).items()} == {k: v[:2] for k, v in before.items()}
 
 
+def test_undo_never_restores_a_source_from_a_copy_changed_since(tiny_model_dir, photos, tmp_path):
+    # --move beside an identical copy removed only the source; undo copies that copy back, but not once it changed.
+    dest = tmp_path / "sorted"
+    for mode in ("--copy", "--move"):
+        assert organize_cli(tiny_model_dir, photos, "-l", ",".join(LABELS), "--into", dest, mode).exit_code == 0
+    removed = [r for r in log_records(dest) if r["action"] == "remove-source"]
+    assert removed and all(r["sha256"] == sha(r["destination"]) for r in removed)
+    changed = removed[0]
+    with open(changed["destination"], "ab") as handle:
+        handle.write(b"edited since")
+    back = organize_cli(tiny_model_dir, "--undo", dest)
+    assert back.exit_code == 1
+    assert f"{changed['source']}: cannot be restored" in back.stderr and "has changed since" in back.stderr
+    assert not os.path.lexists(changed["source"])  # not restored from the changed file
+    assert all(os.path.exists(r["source"]) for r in removed[1:])  # the others are back
+    assert Path(changed["destination"]).read_bytes().endswith(b"edited since")  # and the edited copy kept
+
+
 def test_undo_that_cannot_remove_a_copy_reports_it_and_goes_on(tiny_model_dir, photos, tmp_path, monkeypatch):
     # A label folder the user may no longer write (root may write anything, so the refusal is made here).
     dest = tmp_path / "sorted"
