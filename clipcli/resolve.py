@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,10 @@ def alias_target(spec: str) -> str | None:
 
 
 def canonical_name(spec: str) -> str:
-    """The model id to record in outputs: the Hub id for an alias, else `spec` as given."""
+    """The model id to record in outputs: the Hub id for an alias, else `spec` as given. A local file or folder of
+    an alias's name is what resolve() loads, so it keeps its own name."""
+    if os.path.lexists(os.path.expanduser(spec)):
+        return spec
     return alias_target(spec) or spec
 
 

@@ -671,6 +671,16 @@ def test_alias_resolves_to_the_hub_id(tiny_model_dir, image_folder, hub_cache, m
     assert (meta["model"], meta["model_id"]) == (alias, "openai/clip-vit-base-patch32")
 
 
+def test_a_local_folder_named_like_an_alias_is_named_as_itself(tiny_model_dir, image_folder, tmp_path, monkeypatch):
+    # The folder wins over the alias when loading, and so in what outputs record and `clip info` shows.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "ViT-B-16")
+    ok(invoke("embed", image_folder / "a.jpg", "-o", tmp_path / "e.npy", "-m", "ViT-B-16", "--no-index"))
+    meta = json.loads((tmp_path / "e.meta.json").read_text())
+    assert (meta["model"], meta["model_id"]) == ("ViT-B-16", "ViT-B-16")
+    assert json.loads(ok(invoke("info", "ViT-B-16", "--json")))["model"] == "ViT-B-16"
+
+
 def test_alias_not_cached_and_unknown_names(image_folder, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
