@@ -74,9 +74,12 @@ class CLIPConfig:
         cls, shapes: Mapping[str, tuple[int, ...]], hidden_act: str = "quick_gelu"
     ) -> CLIPConfig:
         """Infer the config of an OpenAI-format checkpoint from its tensor shapes, as openai/CLIP's build_model."""
+        if any(key.startswith(("visual.layer1.", "visual.attnpool.")) for key in shapes):
+            # OpenAI's RN50/RN101/RN50x4...: a modified ResNet image tower (it has a visual.conv1 too, its stem),
+            # which transformers' CLIPModel, and so this tool, does not have.
+            raise UsageError("ResNet CLIP checkpoints (RN50, RN101, RN50x4, ...) are not supported: their image "
+                             "tower is a ResNet; use a ViT CLIP checkpoint (ViT-B/32, ViT-B/16, ViT-L/14, ...)")
         if "visual.conv1.weight" not in shapes:
-            if "visual.layer1.0.conv1.weight" in shapes:
-                raise UsageError("ResNet CLIP checkpoints are not supported; use a ViT CLIP checkpoint")
             raise UsageError("not an OpenAI-format CLIP checkpoint (no 'visual.conv1.weight'); "
                              "pass a CLIP checkpoint with OpenAI key names or a Hugging Face CLIP directory")
         required = ("visual.positional_embedding", "visual.proj", "token_embedding.weight",

@@ -616,6 +616,11 @@ MALFORMED = {
     "resnet": (lambda s, d: _saved({"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
                                     "visual.attnpool.positional_embedding": torch.zeros(50, 2048),
                                     **_without(s, "visual.")}, d / "rn50.pt"), "ResNet"),
+    # As OpenAI's RN50 really is: its ResNet stem has a visual.conv1 too, which must not pass it for a ViT.
+    "resnet-with-stem": (lambda s, d: _saved({"visual.conv1.weight": torch.zeros(32, 3, 3, 3),
+                                              "visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+                                              "visual.attnpool.c_proj.weight": torch.zeros(16, 2048),
+                                              **_without(s, "visual.")}, d / "rn50.pt"), "ResNet CLIP"),
     "no-tensors": (lambda s, d: _saved({"epoch": 3, "note": "hello"}, d / "x.pt"), "no state dict of tensors"),
     "not-clip": (lambda s, d: _saved({"encoder.weight": torch.zeros(2, 2)}, d / "x.pt"), "not a CLIP checkpoint"),
 }
