@@ -224,8 +224,31 @@ def handle_errors(command: Callable) -> Callable:
             # tool killed by SIGPIPE would, and point stdout at /dev/null so the flush at exit cannot fail again.
             silence_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except Exception as err:
+            # The signal handler raises wherever the main thread is; inside threading's or Ray's own code, that
+            # code's cleanup may then fail in turn (threading: "cannot release un-acquired lock"), and the error
+            # that reaches here only holds the interruption as its context. It is the interruption.
+            stop = interruption_behind(err)
+            if stop is None:
+                raise
+            interrupted = isinstance(stop, KeyboardInterrupt)
+            eprint(f"{'interrupted' if interrupted else 'terminated'}; {_what_was_written()}")
+            raise typer.Exit(EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED) from None
 
     return wrapper
+
+
+def interruption_behind(err: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or Terminated (SIGTERM) that `err` was raised while handling, if any: a signal arrives
+    wherever the main thread is, and code it cuts short may fail with another error. None for any other error."""
+    item: BaseException | None = err
+    for _ in range(20):
+        if item is None:
+            return None
+        if isinstance(item, (KeyboardInterrupt, Terminated)):
+            return item
+        item = item.__cause__ or item.__context__
+    return None
 
 
 def _what_was_written() -> str:

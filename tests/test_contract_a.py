@@ -234,3 +234,32 @@ def test_interrupted_file_output_still_says_nothing_was_written(tiny_model_dir, 
     proc = interrupt(args, signal.SIGINT, reading_images_in(many_images, target))
     assert proc.returncode == 130 and proc.stderr.decode() == "interrupted; no output was written\n"
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("stop", "code", "word"), [("int", 130, "interrupted"), ("term", 143, "terminated")])
+def test_an_error_raised_while_an_interrupt_unwinds_is_the_interrupt(stop, code, word, capsys):
+    """The signal handler raises wherever the main thread is: inside threading's Condition.wait, the lock's own
+    cleanup then fails ("cannot release un-acquired lock", seen once in CI), with the interrupt as its context.
+    That is still Ctrl-C or SIGTERM: its exit code and one line, no traceback."""
+    import typer
+
+    from clipcli.process import Terminated, handle_errors
+
+    @handle_errors
+    def command(debug: bool = False) -> None:
+        try:
+            raise KeyboardInterrupt() if stop == "int" else Terminated()
+        except BaseException:
+            raise RuntimeError("cannot release un-acquired lock")  # noqa: B904 (as threading's code raises it)
+
+    with pytest.raises(typer.Exit) as exited:
+        command()
+    assert exited.value.exit_code == code
+    assert capsys.readouterr().err == f"{word}; no output was written\n"
+
+    @handle_errors
+    def failing(debug: bool = False) -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error is not hidden
+        failing()

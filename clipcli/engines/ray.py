@@ -503,16 +503,9 @@ def _quiet_ray_data() -> None:
 
 
 def _interruption(err: Exception) -> BaseException | None:
-    """The KeyboardInterrupt or SIGTERM (process.Terminated) behind `err`: our signal handlers raise them wherever
-    the main thread is, and inside Ray's compiled code that surfaces as a SystemError with the interruption as its
-    context. None for any other error."""
-    from clipcli.process import Terminated
+    """The KeyboardInterrupt or SIGTERM (process.Terminated) behind `err` (process.interruption_behind): our signal
+    handlers raise them wherever the main thread is, and inside Ray's compiled code that surfaces as a SystemError
+    with the interruption as its context. None for any other error."""
+    from clipcli.process import interruption_behind
 
-    item: BaseException | None = err
-    for _ in range(20):
-        if item is None:
-            return None
-        if isinstance(item, (KeyboardInterrupt, Terminated)):
-            return item
-        item = item.__cause__ or item.__context__
-    return None
+    return interruption_behind(err)
