@@ -224,6 +224,8 @@ def handle_errors(command: Callable) -> Callable:
             # tool killed by SIGPIPE would, and point stdout at /dev/null so the flush at exit cannot fail again.
             silence_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except (typer.Exit, click.exceptions.ClickException):
+            raise  # the command's own way out (a RuntimeError to Python), already worded
         except Exception as err:
             # The signal handler raises wherever the main thread is; inside threading's or Ray's own code, that
             # code's cleanup may then fail in turn (threading: "cannot release un-acquired lock"), and the error
@@ -247,7 +249,8 @@ def interruption_behind(err: BaseException) -> BaseException | None:
             return None
         if isinstance(item, (KeyboardInterrupt, Terminated)):
             return item
-        item = item.__cause__ or item.__context__
+        # `raise ... from None` says the error is not about what was being handled
+        item = item.__cause__ or (None if item.__suppress_context__ else item.__context__)
     return None
 
 

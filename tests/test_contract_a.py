@@ -258,6 +258,19 @@ def test_an_error_raised_while_an_interrupt_unwinds_is_the_interrupt(stop, code,
     assert capsys.readouterr().err == f"{word}; no output was written\n"
 
     @handle_errors
+    def own_words(debug: bool = False) -> None:  # a command that says what its interrupt left (organize does)
+        try:
+            raise KeyboardInterrupt()
+        except KeyboardInterrupt:
+            print("interrupted; what this command kept", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    with pytest.raises(typer.Exit) as exited:
+        own_words()
+    assert exited.value.exit_code == 130
+    assert capsys.readouterr().err == "interrupted; what this command kept\n"  # one line, its own
+
+    @handle_errors
     def failing(debug: bool = False) -> None:
         raise RuntimeError("a bug")
 
