@@ -555,7 +555,7 @@ def organize(
     from clipcli import organize as org
     from clipcli import output as out
     from clipcli import pipeline
-    from clipcli.process import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+    from clipcli.process import Terminated, stopped_by
 
     if undo is not None:
         if paths or files_from is not None or into is not None or labels or labels_file is not None or dry_run:
@@ -597,13 +597,10 @@ def organize(
                     failures.extend(batch.failures)
                     failures.extend(organizer.place(batch.paths, batch.scores))
         except (KeyboardInterrupt, Terminated) as stop:
-            stopped = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated"
-            if dry_run:
-                eprint(f"{stopped}; nothing was changed (--dry-run) and no plan was printed")
-            else:
-                eprint(f"{stopped} after {len(organizer.steps)} of {len(images)} image(s); {organizer.log.path} "
-                       "records what was done; run the same command again to finish")
-            raise typer.Exit(EXIT_INTERRUPTED if isinstance(stop, KeyboardInterrupt) else EXIT_TERMINATED) from None
+            what = ("; nothing was changed (--dry-run) and no plan was printed" if dry_run else
+                    f" after {len(organizer.steps)} of {len(images)} image(s); {organizer.log.path} records what was "
+                    "done; run the same command again to finish")
+            raise stopped_by(stop, what) from None
     _warn_if_one_label(label_list, score.value)
     if dry_run:
         write_stdout(out.render_plan(organizer.steps, score.value))

@@ -3,6 +3,7 @@ place), the umask, private folders, and JSON reading with one-line errors. Knows
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -178,6 +179,15 @@ def atomic_directory(destination: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def file_sha256(path: Path | str) -> hashlib._Hash:
+    """The SHA-256 of a file's bytes, read in 1 MiB pieces (a model's weights can be gigabytes)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(1 << 20):
+            sha.update(piece)
+    return sha
 
 
 def make_private_dirs(folder: Path) -> None:

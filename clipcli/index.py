@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from clipcli.errors import os_reason
-from clipcli.fsutil import make_private_dirs
+from clipcli.fsutil import file_sha256, make_private_dirs
 from clipcli.resolve import ModelFiles, model_file_roles
 
 SCHEMA_VERSION = 1
@@ -68,12 +68,8 @@ def model_fingerprint(files: ModelFiles, digest: Callable[[Path], bytes] | None 
 
 
 def file_digest(path: Path) -> bytes:
-    """content_digest of a file read in 1 MiB pieces (model weights can be gigabytes)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while piece := handle.read(1 << 20):
-            sha.update(piece)
-    return sha.digest()[:DIGEST_BYTES]
+    """content_digest of a file, read in pieces (fsutil.file_sha256)."""
+    return file_sha256(path).digest()[:DIGEST_BYTES]
 
 
 @dataclass(frozen=True)

@@ -97,9 +97,10 @@ def find_images(inputs: Sequence[str], exclude: Exclude | None = None, listed: S
         except OSError:
             continue  # not there (yet): nothing in it to skip
         seen_dirs.add((info.st_dev, info.st_ino))
-    named = {key for key in map(_directory_key, [*inputs, *listed]) if key is not None}
+    folders = {name: _directory_key(name) for name in [*inputs, *listed]}  # one stat each, links followed
+    named = {key for key in folders.values() if key is not None}
     for name in [*inputs, *listed]:
-        if os.path.isdir(name):
+        if folders[name] is not None:
             _walk(name, found, failures, seen_dirs, exclude, named)
         elif not os.path.lexists(name):
             failures.append(Failure(name, "no such file (named in the file list)"))

@@ -29,6 +29,7 @@ import numpy as np
 
 from clipcli import scoring
 from clipcli.errors import OptionError, UsageError, os_reason
+from clipcli.fsutil import file_sha256
 from clipcli.inputs import Failure
 
 MODES = ("copy", "move", "link", "symlink")
@@ -201,15 +202,6 @@ def _fsync_folder(folder: str) -> None:
         pass  # some file systems cannot sync a folder; the file itself was fsynced
     finally:
         os.close(fd)
-
-
-def file_sha256(path: str) -> str:
-    """The hex SHA-256 of a file's bytes, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while piece := handle.read(1 << 20):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def same_bytes(a: str, b: str) -> bool:
@@ -600,7 +592,7 @@ class Organizer:
                   "destination": os.path.abspath(step.destination), "label": step.label, "score": step.score,
                   "time": _now()}
         if step.action == "remove-source":  # what undo restores the source from must still hold these bytes
-            record["sha256"] = file_sha256(step.destination)
+            record["sha256"] = file_sha256(step.destination).hexdigest()
         return record
 
     def _do(self, step: Step) -> None:
@@ -720,7 +712,8 @@ def _undo_one(record: dict) -> str | Failure:
                 target, f"its original place '{source}' is taken by another file: not restored")
         if not os.path.lexists(target):
             return Failure(source, f"cannot be restored: the identical file '{target}' is gone")
-        if "sha256" in record and file_sha256(target) != record["sha256"]:  # logs written before it have none
+        # Logs written before the sha256 was recorded have none.
+        if "sha256" in record and file_sha256(target).hexdigest() != record["sha256"]:
             return Failure(source, f"cannot be restored: the identical file '{target}' has changed since")
         return _put_back(target, source, copy_into_place, "restored")
     if not os.path.lexists(target):

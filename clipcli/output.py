@@ -468,16 +468,16 @@ _ONE_LINE_JSON = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps w
 
 def _json(value: object, indent: int | None = None) -> str:
     text = json.dumps(value, ensure_ascii=False, indent=indent) if indent else _ONE_LINE_JSON.encode(value)
-    return text.translate(_JSON_LINE_BREAKS) if not text.isascii() else text
+    return _escape_line_breaks(text)
 
 
 def _json_string(text: str) -> str:
-    """A string as _json writes it, quotes included."""
-    encoded = _encode_json_string(text)
-    return encoded.translate(_JSON_LINE_BREAKS) if not encoded.isascii() else encoded
+    """A string as _json writes it, quotes included (json's own C string encoder, non-ASCII kept)."""
+    return _escape_line_breaks(json.encoder.encode_basestring(text))
 
 
-_encode_json_string = json.encoder.encode_basestring  # the C encoder's, non-ASCII kept
+def _escape_line_breaks(text: str) -> str:
+    return text.translate(_JSON_LINE_BREAKS) if not text.isascii() else text
 
 
 def check_writable(path: Path, stream_ok: bool = True) -> None:

@@ -213,12 +213,8 @@ def handle_errors(command: Callable) -> Callable:
         except InputError as err:
             eprint(f"error: {err}")
             raise typer.Exit(EXIT_SOME_FAILED) from None
-        except KeyboardInterrupt:
-            eprint(f"interrupted; {_what_was_written()}")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except Terminated:
-            eprint(f"terminated; {_what_was_written()}")
-            raise typer.Exit(EXIT_TERMINATED) from None
+        except (KeyboardInterrupt, Terminated) as stop:
+            raise stopped_by(stop, f"; {_what_was_written()}") from None
         except BrokenPipeError:
             # The reader of our output went away (`clip ... | head`): stop quietly with 128 + SIGPIPE, as a shell
             # tool killed by SIGPIPE would, and point stdout at /dev/null so the flush at exit cannot fail again.
@@ -230,14 +226,20 @@ def handle_errors(command: Callable) -> Callable:
             # The signal handler raises wherever the main thread is; inside threading's or Ray's own code, that
             # code's cleanup may then fail in turn (threading: "cannot release un-acquired lock"), and the error
             # that reaches here only holds the interruption as its context. It is the interruption.
-            stop = interruption_behind(err)
-            if stop is None:
+            behind = interruption_behind(err)
+            if behind is None:
                 raise
-            interrupted = isinstance(stop, KeyboardInterrupt)
-            eprint(f"{'interrupted' if interrupted else 'terminated'}; {_what_was_written()}")
-            raise typer.Exit(EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED) from None
+            raise stopped_by(behind, f"; {_what_was_written()}") from None
 
     return wrapper
+
+
+def stopped_by(stop: BaseException, what: str) -> typer.Exit:
+    """Say on stderr that Ctrl-C (KeyboardInterrupt) or SIGTERM (Terminated) stopped the run, "interrupted" or
+    "terminated" followed by `what`; the exit to raise for it, 130 or 143."""
+    interrupted = isinstance(stop, KeyboardInterrupt)
+    eprint(f"{'interrupted' if interrupted else 'terminated'}{what}")
+    return typer.Exit(EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED)
 
 
 def interruption_behind(err: BaseException) -> BaseException | None:
