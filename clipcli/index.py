@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from clipcli.errors import os_reason
 from clipcli.fsutil import file_sha256, make_private_dirs
 from clipcli.resolve import ModelFiles, model_file_roles
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: a row per vector on 64 KiB pages, the memo keyed by whole paths (migrated on open)
 APPLICATION_ID = 0x434C4950  # "CLIP": tells our files from other programs' SQLite files
 # Bumped whenever a change to the model code or preprocessing changes the features computed for the same inputs,
 # so entries computed by older code are never reused.
@@ -42,6 +42,7 @@ RACY_NS = 2_000_000_000
 CHECK_BEFORE_WRITE_BYTES = 1 << 30
 BUSY_TIMEOUT_MS = 10_000  # a concurrent run's transaction takes milliseconds; a lock held longer is a problem
 _CHUNK = 500  # host parameters per IN (...) query
+BLOCK_BYTES = 512 * 1024  # about this much feature data per row of `blocks`
 
 
 def default_location() -> Path:
@@ -120,20 +121,26 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS variants (
     id INTEGER PRIMARY KEY, model INTEGER NOT NULL, dtype TEXT NOT NULL, fast_decode INTEGER NOT NULL,
     UNIQUE (model, dtype, fast_decode));
--- Rows of float32 features, appended in rowid order so pages stay full. crc32 covers the key they belong to.
-CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, data BLOB NOT NULL, crc INTEGER NOT NULL);
+-- Rows of float32 features of one width (bytes), end to end in blocks of about BLOCK_BYTES: a row alone would leave
+-- much of its page empty. Rows are only appended, and a block's rows move only when prune compacts it, into a new block
+-- (ids are never reused, so a key read before that finds its block gone, never another row).
+CREATE TABLE IF NOT EXISTS blocks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, width INTEGER NOT NULL, rows INTEGER NOT NULL, data BLOB NOT NULL);
 -- pixels: the image's width x height as stored, so a run answered from here applies the same size limit as decoding.
+-- crc: crc32 of the row's bytes, after the key's (_image_key, _text_key).
 CREATE TABLE IF NOT EXISTS image_keys (
-    variant INTEGER NOT NULL, digest BLOB NOT NULL, vector INTEGER NOT NULL, pixels INTEGER NOT NULL,
-    PRIMARY KEY (variant, digest)) WITHOUT ROWID;
+    variant INTEGER NOT NULL, digest BLOB NOT NULL, block INTEGER NOT NULL, slot INTEGER NOT NULL,
+    pixels INTEGER NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (variant, digest)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS prompt_keys (
-    model INTEGER NOT NULL, text TEXT NOT NULL, vector INTEGER NOT NULL, truncated INTEGER NOT NULL,
-    PRIMARY KEY (model, text)) WITHOUT ROWID;
--- The stat memo: path (bytes, as the OS has it) -> the digest of its content when it had this stat.
+    model INTEGER NOT NULL, text TEXT NOT NULL, block INTEGER NOT NULL, slot INTEGER NOT NULL,
+    truncated INTEGER NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (model, text)) WITHOUT ROWID;
+-- The stat memo: a file (its folder's absolute path, ending in a separator, and its name: bytes, as the OS has them)
+-- -> the digest of its content when it had this stat. Folder ids are never reused.
+CREATE TABLE IF NOT EXISTS folders (id INTEGER PRIMARY KEY AUTOINCREMENT, path BLOB NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS files (
-    path BLOB PRIMARY KEY, dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
+    folder INTEGER NOT NULL, name BLOB NOT NULL, dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, racy INTEGER NOT NULL, digest BLOB NOT NULL,
-    crc INTEGER NOT NULL) WITHOUT ROWID;
+    crc INTEGER NOT NULL, PRIMARY KEY (folder, name)) WITHOUT ROWID;
 """
 
 
@@ -202,6 +209,11 @@ class Index:
             elif version > SCHEMA_VERSION:
                 raise IndexProblem(f"was written by a newer clipcli (schema {version}, this one reads "
                                    f"{SCHEMA_VERSION}); upgrade clipcli or use another --index")
+            elif version < SCHEMA_VERSION:
+                if self.read_only:
+                    raise IndexProblem(f"was written by an older clipcli (schema {version}) and cannot be upgraded "
+                                       f"here (read-only)")
+                _upgrade(con)
             con.execute("PRAGMA synchronous=NORMAL")  # WAL: committed batches survive a crash of the process
         except BaseException:
             con.close()
@@ -210,9 +222,7 @@ class Index:
 
     @staticmethod
     def _create(con: sqlite3.Connection) -> None:
-        # Before the first table: 64 KiB pages hold 31 rows of 512 float32 each (4 KiB pages would hold one, half
-        # empty), and incremental vacuum lets prune and clear give space back.
-        con.execute("PRAGMA page_size=65536")
+        # Before the first table: incremental vacuum lets prune and clear give space back.
         con.execute("PRAGMA auto_vacuum=INCREMENTAL")
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("BEGIN IMMEDIATE")
@@ -301,37 +311,47 @@ class Index:
             if self._con is None:
                 return found
             keys = _PathKeys()
-            states = {keys(path): (path, state) for path, state in files}
-            known = states.get
+            folders: dict[bytes, dict[bytes, tuple[str, os.stat_result]]] = {}
+            for path, state in files:
+                folder, name = keys(path)
+                named = folders.get(folder)
+                if named is None:
+                    named = folders[folder] = {}
+                named[name] = (path, state)
             # The checksum and the comparison written out (not _memo_crc and _stat_key): this loop runs once per
             # file of every run.
             pack, crc32 = _MEMO_FIELDS.pack, zlib.crc32
-            for rows in self._memo_rows(list(states)):
-                for row in rows:
-                    item = known(row[0])
-                    if item is None:
-                        continue
-                    key, dev, ino, size, mtime, ctime, racy, digest, crc = row
-                    if crc != crc32(key + pack(dev, ino, size, mtime, ctime, racy) + digest):
-                        raise IndexProblem("is damaged (a file entry fails its checksum)")
-                    path, state = item
-                    found[path] = (digest, not racy and mtime == state.st_mtime_ns and ctime == state.st_ctime_ns
-                                   and size == state.st_size and ((ino - state.st_ino) & _UINT64) == 0
-                                   and ((dev - state.st_dev) & _UINT64) == 0)
+            for folder, named in folders.items():
+                known = named.get
+                for rows in self._memo_rows(folder, list(named)):
+                    for row in rows:
+                        item = known(row[0])
+                        if item is None:
+                            continue
+                        name, dev, ino, size, mtime, ctime, racy, digest, crc = row
+                        if crc != crc32(folder + name + pack(dev, ino, size, mtime, ctime, racy) + digest):
+                            raise IndexProblem("is damaged (a file entry fails its checksum)")
+                        path, state = item
+                        found[path] = (digest, not racy and mtime == state.st_mtime_ns
+                                       and ctime == state.st_ctime_ns and size == state.st_size
+                                       and ((ino - state.st_ino) & _UINT64) == 0
+                                       and ((dev - state.st_dev) & _UINT64) == 0)
         return found
 
-    def _memo_rows(self, keys: list[bytes]) -> Iterator[Iterable[tuple]]:
-        """Memo rows for `keys` (and maybe others, which the caller skips). Many keys under one folder are read in
-        one range scan of the primary key; a few, by lookups."""
+    def _memo_rows(self, folder: bytes, names: list[bytes]) -> Iterator[Iterable[tuple]]:
+        """Memo rows of `names` in `folder` (and maybe others of the folder, which the caller skips): many names are
+        read in one scan of the folder's entries; a few, by lookups."""
         assert self._con is not None
-        columns = "path, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc"
-        if len(keys) > 2 * _CHUNK:
-            low, high = min(keys), max(keys)
-            yield self._con.execute(f"SELECT {columns} FROM files WHERE path >= ? AND path <= ?", (low, high))
+        row = self._con.execute("SELECT id FROM folders WHERE path = ?", (folder,)).fetchone()
+        if row is None:
             return
-        for chunk in _chunks(keys, _CHUNK):
-            yield self._con.execute(f"SELECT {columns} FROM files WHERE path IN ({','.join('?' * len(chunk))})",
-                                    chunk).fetchall()
+        columns = "name, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc"
+        if len(names) > 2 * _CHUNK:
+            yield self._con.execute(f"SELECT {columns} FROM files WHERE folder = ?", row)
+            return
+        for chunk in _chunks(names, _CHUNK):
+            yield self._con.execute(f"SELECT {columns} FROM files WHERE folder = ? AND name IN "
+                                    f"({','.join('?' * len(chunk))})", [row[0], *chunk]).fetchall()
 
     def remember_files(self, records: Iterable[FileRecord]) -> None:
         """Store stat memo entries (in their own transaction)."""
@@ -344,13 +364,17 @@ class Index:
     def _store_memo(con: sqlite3.Connection, records: Iterable[FileRecord]) -> None:
         rows = []
         keys = _PathKeys()
+        ids: dict[bytes, int] = {}
         for record in records:
-            key = keys(record.path)
+            folder, name = keys(record.path)
+            folder_id = ids.get(folder)
+            if folder_id is None:
+                folder_id = ids[folder] = _folder_id(con, folder)
             dev, ino, size, mtime, ctime = _stat_key(record.state)
             racy = int(record.seen_ns - max(mtime, ctime) < RACY_NS)
-            rows.append((key, dev, ino, size, mtime, ctime, racy, record.digest,
-                         _memo_crc(key, dev, ino, size, mtime, ctime, racy, record.digest)))
-        con.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            rows.append((folder_id, name, dev, ino, size, mtime, ctime, racy, record.digest,
+                         _memo_crc(folder + name, dev, ino, size, mtime, ctime, racy, record.digest)))
+        con.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def digest_of(self, path: Path) -> bytes:
         """A (model) file's content digest: from the memo when unchanged, else read, hashed and remembered."""
@@ -434,54 +458,43 @@ class Index:
             variant_id = self._variant_id(variant, create=False)
             if variant_id is None:
                 return found
-            # Two steps, so that each 64 KiB page of vectors is read once: the keys' row ids, then the rows in row id
-            # order (looked up in digest order, the rows' pages would be read again for nearly every row).
+            con = self._con
             wanted = list(dict.fromkeys(digests))
-            vectors: dict[int, tuple[bytes, int]] = {}
-            rows_at_most = self._con.execute("SELECT max(id) FROM vectors").fetchone()[0] or 0
-            if len(wanted) * 4 >= rows_at_most:  # most of the variant: one scan beats a lookup per digest
+            columns = "block, slot, digest, pixels, crc"
+            refs: list[tuple[int, int, bytes, int, int]] = []
+            stored = con.execute("SELECT coalesce(sum(rows), 0) FROM blocks").fetchone()[0]
+            if len(wanted) * 4 >= stored:  # most of what is stored: one scan beats a lookup per digest
                 wanted_set = set(wanted)
-                vectors.update((vector, (digest, pixels)) for vector, digest, pixels in self._con.execute(
-                    "SELECT vector, digest, pixels FROM image_keys WHERE variant = ?", (variant_id,))
-                    if digest in wanted_set)
+                refs.extend(row for row in con.execute(f"SELECT {columns} FROM image_keys WHERE variant = ?",
+                                                       (variant_id,)) if row[2] in wanted_set)
             else:
                 for chunk in _chunks(wanted, _CHUNK):
-                    vectors.update((vector, (digest, pixels)) for vector, digest, pixels in self._con.execute(
-                        f"SELECT vector, digest, pixels FROM image_keys WHERE variant = ? AND digest IN "
-                        f"({','.join('?' * len(chunk))})", [variant_id, *chunk]))
-            ids = sorted(vectors)
-            if len(ids) > 2 * _CHUNK and ids[-1] - ids[0] < 2 * len(ids):  # dense: one range scan
-                batches: Iterable[Iterable[tuple]] = [self._con.execute(
-                    "SELECT id, data, crc FROM vectors WHERE id BETWEEN ? AND ?", (ids[0], ids[-1]))]
-            else:
-                batches = (self._con.execute(f"SELECT id, data, crc FROM vectors WHERE id IN "
-                                             f"({','.join('?' * len(chunk))})", chunk)
-                           for chunk in _chunks(ids, _CHUNK))
+                    refs.extend(con.execute(f"SELECT {columns} FROM image_keys WHERE variant = ? AND digest IN "
+                                            f"({','.join('?' * len(chunk))})", [variant_id, *chunk]))
+            refs.sort()  # block by block, each block read once
             # Each row is copied into one matrix as it is read (rows are views of it): one allocation, and the
-            # blobs are never all held at once beside it (a warm run's peak memory is the matrix).
+            # blocks are read one at a time (a warm run's peak memory is the matrix).
             matrix = np.empty((0, 0), dtype="<f4")
             flat = memoryview(b"")
             keys: list[bytes] = []
             sizes: list[int] = []
             at = step = 0  # where the next row goes in `flat`, and a row's bytes
-            entry, crc32 = vectors.get, zlib.crc32
-            for rows in batches:
-                for vector, data, crc in rows:
-                    key = entry(vector)
-                    if key is None:
-                        continue
-                    digest, pixels = key
-                    if crc32(data, crc32(digest + pixels.to_bytes(8, "little"))) != crc:  # _image_key, written out
-                        raise IndexProblem("is damaged (an entry fails its checksum)")
-                    if not keys:
-                        matrix = np.empty((len(vectors), len(data) // 4), dtype="<f4")
-                        flat, step = matrix.data.cast("B"), 4 * matrix.shape[1]
-                    if len(data) != step:
-                        raise IndexProblem("is damaged (features of different lengths for one model)")
-                    flat[at:at + step] = data
-                    at += step
-                    keys.append(digest)
-                    sizes.append(pixels)
+            crc32 = zlib.crc32
+            for position, data in _stored_rows(con, refs):
+                _, _, digest, pixels, crc = refs[position]
+                if crc32(data, crc32(digest + pixels.to_bytes(8, "little"))) != crc:  # _image_key, written out
+                    raise IndexProblem("is damaged (an entry fails its checksum)")
+                if not keys:
+                    if len(data) % 4:
+                        raise IndexProblem("is damaged (features of a length that is not float32)")
+                    matrix = np.empty((len(refs), len(data) // 4), dtype="<f4")
+                    flat, step = matrix.data.cast("B"), len(data)
+                if len(data) != step:
+                    raise IndexProblem("is damaged (features of different lengths for one model)")
+                flat[at:at + step] = data
+                at += step
+                keys.append(digest)
+                sizes.append(pixels)
             flat.release()
             found.update(zip(keys, zip(matrix[:len(keys)], sizes, strict=True), strict=True))
         return found
@@ -497,10 +510,11 @@ class Index:
                 variant_id = self._variant_id(variant, create=True)
                 if variant_id is None:  # the model was never recorded: nothing to key the rows by
                     raise IndexProblem("has no entry for the model of these features")
-                for digest, features, pixels in rows:
-                    vector = _insert_vector(con, _image_key(digest, pixels), features)
-                    con.execute("INSERT OR REPLACE INTO image_keys VALUES (?, ?, ?, ?)",
-                                (variant_id, digest, vector, pixels))
+                data = [_row_bytes(features) for _, features, _ in rows]
+                places = _append_rows(con, data)
+                con.executemany("INSERT OR REPLACE INTO image_keys VALUES (?, ?, ?, ?, ?, ?)", [
+                    (variant_id, digest, block, slot, pixels, zlib.crc32(row, zlib.crc32(_image_key(digest, pixels))))
+                    for (digest, _, pixels), row, (block, slot) in zip(rows, data, places, strict=True)])
                 self._store_memo(con, files)
 
     def text_features(self, model: str, texts: Iterable[str]) -> dict[str, tuple[np.ndarray, bool]]:
@@ -512,12 +526,15 @@ class Index:
             model_id = self._model_id(model)
             if model_id is None:
                 return found
+            refs: list[tuple[int, int, str, int, int]] = []
             for chunk in _chunks(list(dict.fromkeys(texts)), _CHUNK):
-                rows = self._con.execute(
-                    f"SELECT k.text, k.truncated, v.data, v.crc FROM prompt_keys k JOIN vectors v ON v.id = k.vector "
-                    f"WHERE k.model = ? AND k.text IN ({','.join('?' * len(chunk))})", [model_id, *chunk]).fetchall()
-                for text, truncated, data, crc in rows:
-                    found[text] = (_vector(_text_key(text), data, crc), bool(truncated))
+                refs.extend(self._con.execute(
+                    f"SELECT block, slot, text, truncated, crc FROM prompt_keys WHERE model = ? AND text IN "
+                    f"({','.join('?' * len(chunk))})", [model_id, *chunk]))
+            refs.sort()
+            for position, data in _stored_rows(self._con, refs):
+                _, _, text, truncated, crc = refs[position]
+                found[text] = (_vector(_text_key(text), data, crc), bool(truncated))
         return found
 
     def add_text_features(self, model: str, rows: Sequence[tuple[str, np.ndarray, bool]]) -> None:
@@ -529,10 +546,11 @@ class Index:
                 model_id = self._model_id(model)
                 if model_id is None:
                     raise IndexProblem("has no entry for the model of these features")
-                for text, features, truncated in rows:
-                    vector = _insert_vector(con, _text_key(text), features)
-                    con.execute("INSERT OR REPLACE INTO prompt_keys VALUES (?, ?, ?, ?)",
-                                (model_id, text, vector, int(truncated)))
+                data = [_row_bytes(features) for _, features, _ in rows]
+                places = _append_rows(con, data)
+                con.executemany("INSERT OR REPLACE INTO prompt_keys VALUES (?, ?, ?, ?, ?, ?)", [
+                    (model_id, text, block, slot, int(truncated), zlib.crc32(row, zlib.crc32(_text_key(text))))
+                    for (text, _, truncated), row, (block, slot) in zip(rows, data, places, strict=True)])
 
     # ------------------------------------------------------------------------------------------ upkeep
 
@@ -564,15 +582,16 @@ class Index:
         with self._guard():
             if self._con is None:
                 return None
-            gone = [key for (key,) in self._con.execute("SELECT path FROM files")
-                    if not os.path.lexists(os.fsdecode(key))]
+            folders = dict(self._con.execute("SELECT id, path FROM folders"))
+            gone = [(folder, name) for folder, name in self._con.execute("SELECT folder, name FROM files")
+                    if folder not in folders or not os.path.lexists(os.fsdecode(folders[folder] + name))]
             with self._transaction() as con:
-                for chunk in _chunks(gone, _CHUNK):
-                    con.execute(f"DELETE FROM files WHERE path IN ({','.join('?' * len(chunk))})", chunk)
+                con.executemany("DELETE FROM files WHERE folder = ? AND name = ?", gone)
+                con.execute("DELETE FROM folders WHERE id NOT IN (SELECT folder FROM files)")
                 images = con.execute(
                     "DELETE FROM image_keys WHERE digest NOT IN (SELECT digest FROM files)").rowcount
-                _delete_orphan_vectors(con)
-            self._con.execute("PRAGMA incremental_vacuum")
+                _compact(con)
+            _give_back_space(self._con)
             return len(gone), images
         return None
 
@@ -582,9 +601,9 @@ class Index:
             if self._con is None:
                 return False
             with self._transaction() as con:
-                for table in ("image_keys", "prompt_keys", "vectors", "variants", "models", "files"):
+                for table in ("image_keys", "prompt_keys", "blocks", "variants", "models", "files", "folders"):
                     con.execute(f"DELETE FROM {table}")
-            self._con.execute("PRAGMA incremental_vacuum")
+            _give_back_space(self._con)
             self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._variants.clear()
             self._models.clear()
@@ -597,22 +616,168 @@ def open_index(path: Path | None, warn: Callable[[str], None]) -> Index | None:
     return None if path is None else Index(path, warn)
 
 
-def _insert_vector(con: sqlite3.Connection, key: bytes, features: np.ndarray) -> int:
-    data = np.ascontiguousarray(features, dtype="<f4").tobytes()
-    cursor = con.execute("INSERT INTO vectors (data, crc) VALUES (?, ?)", (data, zlib.crc32(key + data)))
-    assert cursor.lastrowid is not None
-    return cursor.lastrowid
+def _row_bytes(features: np.ndarray) -> bytes:
+    return np.ascontiguousarray(features, dtype="<f4").tobytes()
 
 
-def _vector(key: bytes, data: bytes, crc: int) -> np.ndarray:
+def _vector(key: bytes, data: bytes | memoryview, crc: int) -> np.ndarray:
     if zlib.crc32(data, zlib.crc32(key)) != crc or len(data) % 4:
         raise IndexProblem("is damaged (an entry fails its checksum)")
-    return np.frombuffer(data, dtype="<f4")
+    return np.frombuffer(bytes(data), dtype="<f4")
 
 
-def _delete_orphan_vectors(con: sqlite3.Connection) -> None:
-    con.execute("DELETE FROM vectors WHERE id NOT IN (SELECT vector FROM image_keys) "
-                "AND id NOT IN (SELECT vector FROM prompt_keys)")
+def _block_rows(page_size: int, width: int) -> int:
+    """How many rows of `width` bytes a block holds: about BLOCK_BYTES, ending just short of filling its last page.
+    (SQLite keeps a large row's first min_local bytes on its table's page and the rest on overflow pages of
+    page_size - 4 bytes each.)"""
+    min_local = (page_size - 12) * 32 // 255 - 23
+    overflow = max(1, BLOCK_BYTES // (page_size - 4))
+    return max(1, (min_local + overflow * (page_size - 4) - 32) // width)
+
+
+def _append_rows(con: sqlite3.Connection, rows: Sequence[bytes],
+                 keep_out: Collection[int] = ()) -> list[tuple[int, int]]:
+    """Append feature rows to the blocks of their width (in the caller's transaction; never to a block in
+    `keep_out`); each one's (block, slot)."""
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    places = [(0, 0)] * len(rows)
+    widths: dict[int, list[int]] = {}
+    for at, row in enumerate(rows):
+        widths.setdefault(len(row), []).append(at)
+    for width, pending in widths.items():
+        capacity = _block_rows(page_size, width)
+        block: int | None = None
+        used, data = 0, b""
+        last = con.execute("SELECT id, rows FROM blocks WHERE width = ? ORDER BY id DESC LIMIT 1", (width,)).fetchone()
+        if last is not None and last[1] < capacity and last[0] not in keep_out:
+            # The newest block has room: it is rewritten with the rows added.
+            block, used = last
+            data = con.execute("SELECT data FROM blocks WHERE id = ?", (block,)).fetchone()[0]
+        while pending:
+            take, pending = pending[:capacity - used], pending[capacity - used:]
+            data += b"".join(rows[at] for at in take)
+            if block is None:
+                cursor = con.execute("INSERT INTO blocks (width, rows, data) VALUES (?, ?, ?)",
+                                     (width, used + len(take), data))
+                assert cursor.lastrowid is not None
+                block = cursor.lastrowid
+            else:
+                con.execute("UPDATE blocks SET rows = ?, data = ? WHERE id = ?", (used + len(take), data, block))
+            for slot, at in enumerate(take, start=used):
+                places[at] = (block, slot)
+            block, used, data = None, 0, b""
+    return places
+
+
+def _compact(con: sqlite3.Connection) -> None:
+    """Rewrite the blocks holding rows that no key points to any more (pruned or replaced entries): their other rows
+    move to new blocks, a few blocks at a time (in the caller's transaction)."""
+    tables = {"image_keys": ("variant", "digest"), "prompt_keys": ("model", "text")}
+    live: dict[int, int] = {}
+    for table in tables:
+        for (block,) in con.execute(f"SELECT block FROM {table}"):
+            live[block] = live.get(block, 0) + 1
+    stale = sorted(block for block, rows in con.execute("SELECT id, rows FROM blocks") if live.get(block, 0) < rows)
+    if not stale:
+        return
+    staying: dict[int, list[tuple]] = {}  # block -> (block, slot, table, key...) of its rows that stay
+    stale_set = set(stale)
+    for table, (first, second) in tables.items():
+        for row in con.execute(f"SELECT block, slot, '{table}', {first}, {second} FROM {table}"):
+            if row[0] in stale_set:
+                staying.setdefault(row[0], []).append(row)
+    for group in _chunks(stale, 64):  # about 32 MB of rows held at once
+        moving = sorted(row for block in group for row in staying.get(block, ()))
+        data = [bytes(row) for _, row in _stored_rows(con, moving)]
+        if len(data) != len(moving):
+            raise IndexProblem("is damaged (an entry points to a block that is not there)")
+        con.execute(f"DELETE FROM blocks WHERE id IN ({','.join('?' * len(group))})", group)
+        places = _append_rows(con, data, keep_out=stale_set)
+        for table, (first, second) in tables.items():
+            con.executemany(f"UPDATE {table} SET block = ?, slot = ? WHERE {first} = ? AND {second} = ?",
+                            [(*place, row[3], row[4]) for row, place in zip(moving, places, strict=True)
+                             if row[2] == table])
+
+
+def _give_back_space(con: sqlite3.Connection) -> None:
+    """Truncate the file's free pages (outside a transaction). executescript steps the pragma to its end: a plain
+    execute frees one page."""
+    con.executescript("PRAGMA incremental_vacuum;")
+
+
+def _upgrade(con: sqlite3.Connection) -> None:
+    """Rewrite a schema 1 index as schema 2, keeping every entry (one transaction: a concurrent run waits for it)."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version == 1:
+            _upgrade_from_1(con)
+        elif version != SCHEMA_VERSION:  # else a concurrent run has just upgraded it
+            raise IndexProblem(f"is damaged (schema version {version})")
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    _give_back_space(con)
+
+
+def _upgrade_from_1(con: sqlite3.Connection) -> None:
+    for table in ("files", "image_keys", "prompt_keys"):
+        con.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            con.execute(statement)
+    separator = os.fsencode(os.sep)
+    folders: dict[bytes, int] = {}
+    rows = con.execute("SELECT path, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc FROM old_files")
+    while chunk := rows.fetchmany(1000):
+        memo = []
+        for path, *fields in chunk:  # the checksum covered the whole path: folder + name
+            cut = path.rfind(separator) + 1
+            folder = path[:cut]
+            if folder not in folders:
+                folders[folder] = _folder_id(con, folder)
+            memo.append((folders[folder], path[cut:], *fields))
+        con.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", memo)
+    kinds = [("image_keys", "variant, digest, pixels", lambda key: _image_key(key[1], key[2])),
+             ("prompt_keys", "model, text, truncated", lambda key: _text_key(key[1]))]
+    for table, columns, checked in kinds:
+        rows = con.execute(f"SELECT {columns}, v.data, v.crc FROM old_{table} JOIN vectors v ON v.id = vector "
+                           f"ORDER BY vector")
+        while chunk := rows.fetchmany(1000):
+            for *key, data, crc in chunk:
+                if zlib.crc32(data, zlib.crc32(checked(key))) != crc:
+                    raise IndexProblem("is damaged (an entry fails its checksum)")
+            places = _append_rows(con, [data for *_, data, _ in chunk])
+            con.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?)",
+                            [(first, second, block, slot, third, crc) for (first, second, third, _, crc), (block, slot)
+                             in zip(chunk, places, strict=True)])
+    for table in ("old_files", "old_image_keys", "old_prompt_keys", "vectors"):
+        con.execute(f"DROP TABLE {table}")
+    con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _stored_rows(con: sqlite3.Connection, refs: Sequence[tuple]) -> Iterator[tuple[int, memoryview]]:
+    """(position in refs, the row's bytes) for refs starting (block, slot), sorted; a block that is gone (moved by a
+    concurrent prune since the refs were read) leaves its refs out."""
+    ids = sorted({ref[0] for ref in refs})
+    at = 0
+    for chunk in _chunks(ids, _CHUNK):
+        for block, width, count, data in con.execute(
+                f"SELECT id, width, rows, data FROM blocks WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                chunk):
+            if width <= 0 or len(data) != width * count:
+                raise IndexProblem("is damaged (a block of features has the wrong length)")
+            while at < len(refs) and refs[at][0] < block:
+                at += 1
+            view = memoryview(data)
+            while at < len(refs) and refs[at][0] == block:
+                slot = refs[at][1]
+                if not 0 <= slot < count:
+                    raise IndexProblem("is damaged (an entry points past the end of its block)")
+                yield at, view[slot * width:(slot + 1) * width]
+                at += 1
 
 
 def _info_check(info: dict) -> int:
@@ -630,25 +795,37 @@ def _text_key(text: str) -> bytes:
 
 
 class _PathKeys:
-    """The memo's key of a path, os.fsencode(os.path.abspath(path)), normalising each folder once: a walk gives
-    thousands of files per folder."""
+    """The memo's key of a path, os.fsencode(os.path.abspath(path)), as (its folder, ending in a separator; its
+    name), normalising each folder once: a walk gives thousands of files per folder."""
 
     def __init__(self) -> None:
         self._cwd = os.getcwd()
         self._folders: dict[str, bytes] = {}
         self._encoding = sys.getfilesystemencoding()  # os.fsencode's, without its per-call checks
 
-    def __call__(self, path: str) -> bytes:
+    def __call__(self, path: str) -> tuple[bytes, bytes]:
         folder, _, name = path.rpartition(os.sep)
         if name in ("", ".", "..") or path.startswith(2 * os.sep) or (os.altsep and os.altsep in path):
-            return os.fsencode(os.path.normpath(os.path.join(self._cwd, path)))
+            whole = os.fsencode(os.path.normpath(os.path.join(self._cwd, path)))
+            cut = whole.rfind(os.fsencode(os.sep)) + 1
+            return whole[:cut], whole[cut:]
         if not folder:
             folder = os.sep if path.startswith(os.sep) else "."
         key = self._folders.get(folder)
         if key is None:
             base = os.path.normpath(os.path.join(self._cwd, folder))
             key = self._folders[folder] = os.fsencode(base if base.endswith(os.sep) else base + os.sep)
-        return key + name.encode(self._encoding, "surrogateescape")
+        return key, name.encode(self._encoding, "surrogateescape")
+
+
+def _folder_id(con: sqlite3.Connection, folder: bytes) -> int:
+    """The id of a memo folder, made when new (in the caller's transaction)."""
+    row = con.execute("SELECT id FROM folders WHERE path = ?", (folder,)).fetchone()
+    if row is not None:
+        return row[0]
+    cursor = con.execute("INSERT INTO folders (path) VALUES (?)", (folder,))
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
 
 
 def _stat_key(state: os.stat_result) -> tuple[int, int, int, int, int]:

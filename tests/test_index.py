@@ -158,7 +158,7 @@ def test_memo_keys_are_absolute_paths_as_bytes(path):
     # The stat memo keys a file by os.fsencode(os.path.abspath(path)); _PathKeys computes that per folder once.
     keys = index_module._PathKeys()
     for _ in range(2):  # the second time from its cache of folders
-        assert keys(path) == os.fsencode(os.path.abspath(path))
+        assert b"".join(keys(path)) == os.fsencode(os.path.abspath(path))
 
 
 def test_the_text_tower_alone_gives_the_same_text_features(tiny_model_dir):
@@ -348,7 +348,9 @@ def test_index_info_prune_and_clear(tiny_model_dir, folder, tmp_path):
     pruned = run("index", "--prune", index=index)
     assert "1 file(s) that are gone, 1 embedding(s)" in pruned.stderr
     assert "5 images" in run("index", index=index).stdout
+    assert stored_rows(index)[:2] == (5 + 3, 5 + 3)
     run("index", "--clear", index=index)
+    assert stored_rows(index) == (0, 0, 0) and free_pages(index) == 0
     assert "no embeddings yet" in run("index", index=index).stdout
 
 
@@ -360,6 +362,139 @@ def test_info_with_paths_or_prune_shows_the_index_after_the_work(tiny_model_dir,
     (folder / "p0.png").unlink()
     pruned = run("index", "--prune", "--info", index=index)
     assert "1 file(s) that are gone" in pruned.stderr and "5 images" in pruned.stdout
+
+
+def free_pages(db: Path) -> int:
+    with sqlite3.connect(db) as con:
+        return con.execute("PRAGMA freelist_count").fetchone()[0]
+
+
+def stored_rows(db: Path) -> tuple[int, int, int]:
+    """(rows in blocks, keys pointing to them, blocks) of an index."""
+    with sqlite3.connect(db) as con:
+        rows, blocks = con.execute("SELECT coalesce(sum(rows), 0), count(*) FROM blocks").fetchone()
+        keys = sum(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                   for table in ("image_keys", "prompt_keys"))
+    return rows, keys, blocks
+
+
+def test_rows_span_blocks_and_prune_compacts_them(tiny_model_dir, many_images, tmp_path, calls, monkeypatch):
+    # Blocks of a few rows: a run's rows fill several blocks, some rows join the newest block of an earlier run, and
+    # prune moves the rows that stay out of blocks that lost some, so the file holds no dead rows.
+    monkeypatch.setattr(index_module, "_block_rows", lambda page_size, width: 4)
+    index = tmp_path / "index.db"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(many_images.iterdir())[:23]:
+        shutil.copy(path, photos)
+    first = classify(tiny_model_dir, photos, index, "--batch-size", "5")
+    rows, keys, blocks = stored_rows(index)
+    assert rows == keys == 23 + 3 and blocks == 7
+    computed = calls["images"]
+    assert classify(tiny_model_dir, photos, index) == first and calls["images"] == computed
+    for path in sorted(photos.iterdir())[3:20:2]:  # 9 images from the middle of the blocks
+        path.unlink()
+        first.pop(str(path))
+    pruned = run("index", "--prune", index=index)
+    assert "9 file(s) that are gone, 9 embedding(s)" in pruned.stderr
+    rows, keys, _ = stored_rows(index)
+    assert rows == keys == 14 + 3 and free_pages(index) == 0  # no dead rows left, their space given back
+    assert classify(tiny_model_dir, photos, index) == first and calls["images"] == computed  # the rows that moved
+    photo(20, 20, seed=999).save(photos / "new.png")
+    assert classify(tiny_model_dir, photos, index).keys() == {*first, str(photos / "new.png")}
+    assert calls["images"] == computed + 1 and stored_rows(index)[:2] == (18, 18)
+
+
+# The layout of schema 1 (clipcli before blocks): a row per vector, the memo keyed by whole paths.
+SCHEMA_1 = """
+CREATE TABLE models (id INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE, name TEXT NOT NULL, info TEXT NOT NULL);
+CREATE TABLE variants (id INTEGER PRIMARY KEY, model INTEGER NOT NULL, dtype TEXT NOT NULL,
+    fast_decode INTEGER NOT NULL, UNIQUE (model, dtype, fast_decode));
+CREATE TABLE vectors (id INTEGER PRIMARY KEY, data BLOB NOT NULL, crc INTEGER NOT NULL);
+CREATE TABLE image_keys (variant INTEGER NOT NULL, digest BLOB NOT NULL, vector INTEGER NOT NULL,
+    pixels INTEGER NOT NULL, PRIMARY KEY (variant, digest)) WITHOUT ROWID;
+CREATE TABLE prompt_keys (model INTEGER NOT NULL, text TEXT NOT NULL, vector INTEGER NOT NULL,
+    truncated INTEGER NOT NULL, PRIMARY KEY (model, text)) WITHOUT ROWID;
+CREATE TABLE files (path BLOB PRIMARY KEY, dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, racy INTEGER NOT NULL, digest BLOB NOT NULL,
+    crc INTEGER NOT NULL) WITHOUT ROWID
+"""
+
+
+def as_schema_1(source: Path, target: Path) -> None:
+    """Write the entries of the (current) index `source` into `target` as clipcli with schema 1 kept them."""
+    with sqlite3.connect(source) as con:
+        models = con.execute("SELECT * FROM models").fetchall()
+        variants = con.execute("SELECT * FROM variants").fetchall()
+        folders = dict(con.execute("SELECT id, path FROM folders"))
+        files = [(folders[folder] + name, *rest) for folder, name, *rest in con.execute("SELECT * FROM files")]
+        blocks = {block: (width, data) for block, width, data in con.execute("SELECT id, width, data FROM blocks")}
+
+        def row(block: int, slot: int) -> bytes:
+            width, data = blocks[block]
+            return data[slot * width:(slot + 1) * width]
+
+        images = [(variant, digest, row(block, slot), pixels, crc)
+                  for variant, digest, block, slot, pixels, crc in con.execute("SELECT * FROM image_keys")]
+        prompts = [(model, text, row(block, slot), truncated, crc)
+                   for model, text, block, slot, truncated, crc in con.execute("SELECT * FROM prompt_keys")]
+    con = sqlite3.connect(target, isolation_level=None)
+    con.execute("PRAGMA page_size=65536")
+    con.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.executescript(SCHEMA_1)
+    con.executemany("INSERT INTO models VALUES (?, ?, ?, ?)", models)
+    con.executemany("INSERT INTO variants VALUES (?, ?, ?, ?)", variants)
+    con.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", files)
+    for table, entries in (("image_keys", images), ("prompt_keys", prompts)):
+        for first, second, data, third, crc in entries:
+            vector = con.execute("INSERT INTO vectors (data, crc) VALUES (?, ?)", (data, crc)).lastrowid
+            con.execute(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", (first, second, vector, third))
+    con.execute(f"PRAGMA application_id={index_module.APPLICATION_ID}")
+    con.execute("PRAGMA user_version=1")
+    con.close()
+
+
+def test_an_index_of_schema_1_is_upgraded_with_every_entry(tiny_model_dir, folder, tmp_path, calls, monkeypatch):
+    monkeypatch.setattr(index_module, "RACY_NS", 0)  # so that the memo's entries are used, as in a later session
+    current, old = tmp_path / "current.db", tmp_path / "old.db"
+    first = classify(tiny_model_dir, folder, current)
+    as_schema_1(current, old)
+    before = dict(calls)
+    reads: list[str] = []
+    from clipcli import pipeline
+
+    real = pipeline.read_image_file
+    monkeypatch.setattr(pipeline, "read_image_file", lambda path: reads.append(path) or real(path))
+    result = run("classify", folder, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, index=old)
+    assert result.stderr == "" and scores(result) == first
+    assert calls == before and reads == []  # features, prompts and stat memo all kept
+    with sqlite3.connect(old) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == index_module.SCHEMA_VERSION
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"models", "variants", "blocks", "image_keys", "prompt_keys", "folders", "files",
+                      "sqlite_sequence"}
+    assert stored_rows(old)[:2] == (6 + 3, 6 + 3) and free_pages(old) == 0  # the old tables' space given back
+    assert classify(tiny_model_dir, folder, old) == first and calls == before
+
+
+def test_an_index_of_schema_1_that_cannot_be_written_is_left_alone(tiny_model_dir, folder, tmp_path, reference,
+                                                                   monkeypatch):
+    current, old = tmp_path / "current.db", tmp_path / "old.db"
+    classify(tiny_model_dir, folder, current)
+    as_schema_1(current, old)
+    damaged = tmp_path / "damaged.db"
+    shutil.copy(old, damaged)
+    with sqlite3.connect(damaged) as con:
+        con.execute("UPDATE vectors SET crc = crc + 1 WHERE id = 2")
+    before = damaged.read_bytes()
+    assert "damaged" in faulty_run(tiny_model_dir, folder, damaged, reference)
+    assert damaged.read_bytes() == before  # the upgrade is one transaction: rolled back
+    monkeypatch.setattr(index_module, "_writable", lambda path: False)
+    before = old.read_bytes()
+    assert "older clipcli (schema 1) and cannot be upgraded here (read-only)" in faulty_run(
+        tiny_model_dir, folder, old, reference)
+    assert old.read_bytes() == before
 
 
 def test_index_command_without_an_index_file(tmp_path):
@@ -536,7 +671,7 @@ def damage_a_table_page(target: Path, table: str) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("table", ["files", "image_keys", "vectors"])
+@pytest.mark.parametrize("table", ["files", "folders", "image_keys", "blocks"])
 def test_a_damaged_page_is_noticed_before_anything_is_written(tiny_model_dir, folder, tmp_path, reference, table):
     # The run has new images to store: the damage must be noticed when the page is read, before it is written to.
     target = tmp_path / "index.db"
@@ -600,7 +735,8 @@ def test_a_damaged_index_gives_a_warning_and_correct_results(tiny_model_dir, fol
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     data = bytearray(target.read_bytes())
     with sqlite3.connect(target) as con:
-        vector = con.execute("SELECT data FROM vectors LIMIT 1").fetchone()[0]
+        width, block = con.execute("SELECT width, data FROM blocks LIMIT 1").fetchone()
+    vector = block[:width]  # the first row of a block of rows
     at = bytes(data).find(vector)
     assert at > 0
     data[at + 8:at + 12] = b"\x7f\x7f\x7f\x7f"  # one float of a stored vector
@@ -655,13 +791,13 @@ def test_a_locked_index_gives_a_warning_and_correct_results(tiny_model_dir, fold
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
 def test_a_full_disk_gives_a_warning_and_correct_results(tiny_model_dir, many_images, tmp_path):
-    # No file may grow past 1 MB, as on a full disk: the index's write-ahead log (64 KiB pages) hits that after a few
-    # batches, so its writes fail part-way through the run.
+    # No file may grow past 200 kB, as on a full disk: the index's write-ahead log hits that after a few batches (the
+    # whole run's would be about 400 kB), so its writes fail part-way through the run.
     import resource
 
     def limit_file_size() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     target = tmp_path / "index.db"
     subset = tmp_path / "subset"
