@@ -86,6 +86,29 @@ StoredImage = tuple[np.ndarray, int]  # (D,) float32 features, and the image's p
 
 
 @dataclass(frozen=True)
+class StoredImages:
+    """Image features found in the index, as one matrix: the image with digest d is row rows[d] of `matrix`
+    ((N, D) float32), and pixels[rows[d]] is its pixel count. Also read as a mapping digest -> StoredImage."""
+
+    matrix: np.ndarray
+    rows: dict[bytes, int]
+    pixels: list[int]
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self.rows
+
+    def __getitem__(self, digest: bytes) -> StoredImage:
+        row = self.rows[digest]
+        return self.matrix[row], self.pixels[row]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+NOTHING_STORED = StoredImages(np.zeros((0, 0), dtype=np.float32), {}, [])
+
+
+@dataclass(frozen=True)
 class FileRecord:
     """A stat memo entry to store: this file, in this state, seen at `seen_ns`, holds content `digest`."""
 
@@ -448,16 +471,14 @@ class Index:
 
     # ------------------------------------------------------------------------------------------ features
 
-    def image_features(self, variant: Variant, digests: Iterable[bytes]) -> dict[bytes, StoredImage]:
-        """digest -> ((D,) float32 features, pixel count) stored for `variant`; digests without an entry are left
-        out."""
-        found: dict[bytes, StoredImage] = {}
+    def image_features(self, variant: Variant, digests: Iterable[bytes]) -> StoredImages:
+        """The features stored for `variant` of those of `digests` that have an entry."""
         with self._guard():
             if self._con is None:
-                return found
+                return NOTHING_STORED
             variant_id = self._variant_id(variant, create=False)
             if variant_id is None:
-                return found
+                return NOTHING_STORED
             con = self._con
             wanted = list(dict.fromkeys(digests))
             columns = "block, slot, digest, pixels, crc"
@@ -472,32 +493,8 @@ class Index:
                     refs.extend(con.execute(f"SELECT {columns} FROM image_keys WHERE variant = ? AND digest IN "
                                             f"({','.join('?' * len(chunk))})", [variant_id, *chunk]))
             refs.sort()  # block by block, each block read once
-            # Each row is copied into one matrix as it is read (rows are views of it): one allocation, and the
-            # blocks are read one at a time (a warm run's peak memory is the matrix).
-            matrix = np.empty((0, 0), dtype="<f4")
-            flat = memoryview(b"")
-            keys: list[bytes] = []
-            sizes: list[int] = []
-            at = step = 0  # where the next row goes in `flat`, and a row's bytes
-            crc32 = zlib.crc32
-            for position, data in _stored_rows(con, refs):
-                _, _, digest, pixels, crc = refs[position]
-                if crc32(data, crc32(digest + pixels.to_bytes(8, "little"))) != crc:  # _image_key, written out
-                    raise IndexProblem("is damaged (an entry fails its checksum)")
-                if not keys:
-                    if len(data) % 4:
-                        raise IndexProblem("is damaged (features of a length that is not float32)")
-                    matrix = np.empty((len(refs), len(data) // 4), dtype="<f4")
-                    flat, step = matrix.data.cast("B"), len(data)
-                if len(data) != step:
-                    raise IndexProblem("is damaged (features of different lengths for one model)")
-                flat[at:at + step] = data
-                at += step
-                keys.append(digest)
-                sizes.append(pixels)
-            flat.release()
-            found.update(zip(keys, zip(matrix[:len(keys)], sizes, strict=True), strict=True))
-        return found
+            return _gather(con, refs)
+        return NOTHING_STORED
 
     def add_image_features(self, variant: Variant, rows: Sequence[tuple[bytes, np.ndarray, int]],
                            files: Iterable[FileRecord] = ()) -> None:
@@ -756,6 +753,51 @@ def _upgrade_from_1(con: sqlite3.Connection) -> None:
     for table in ("old_files", "old_image_keys", "old_prompt_keys", "vectors"):
         con.execute(f"DROP TABLE {table}")
     con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _gather(con: sqlite3.Connection, refs: list[tuple[int, int, bytes, int, int]]) -> StoredImages:
+    """The rows of image keys (block, slot, digest, pixels, crc), sorted, checked against their checksums and copied
+    into one matrix a block at a time (a warm run's peak memory is the matrix)."""
+    matrix: np.ndarray | None = None
+    digests: list[bytes] = []
+    pixels: list[int] = []
+    crc32 = zlib.crc32
+    at = 0  # refs[at:] are still to read
+    ids = sorted({ref[0] for ref in refs})
+    for chunk in _chunks(ids, _CHUNK):
+        for block, width, count, data in con.execute(
+                f"SELECT id, width, rows, data FROM blocks WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                chunk):
+            if width <= 0 or width % 4 or len(data) != width * count:
+                raise IndexProblem("is damaged (a block of features has the wrong length)")
+            while at < len(refs) and refs[at][0] < block:  # their block went away (compacted by a concurrent prune)
+                at += 1
+            end = at
+            while end < len(refs) and refs[end][0] == block:
+                end += 1
+            if end == at:
+                continue
+            view = memoryview(data)
+            slots = []
+            for _, slot, digest, size, crc in refs[at:end]:
+                if not 0 <= slot < count:
+                    raise IndexProblem("is damaged (an entry points past the end of its block)")
+                if crc32(view[slot * width:(slot + 1) * width], crc32(digest + size.to_bytes(8, "little"))) != crc:
+                    raise IndexProblem("is damaged (an entry fails its checksum)")  # _image_key, written out
+                slots.append(slot)
+                digests.append(digest)
+                pixels.append(size)
+            rows = np.frombuffer(data, dtype="<f4").reshape(count, width // 4)
+            if matrix is None:
+                matrix = np.empty((len(refs), rows.shape[1]), dtype="<f4")
+            if rows.shape[1] != matrix.shape[1]:
+                raise IndexProblem("is damaged (features of different lengths for one model)")
+            first = len(digests) - len(slots)
+            matrix[first:len(digests)] = rows[slots]
+            at = end
+    if matrix is None:
+        return NOTHING_STORED
+    return StoredImages(matrix[:len(digests)], {digest: row for row, digest in enumerate(digests)}, pixels)
 
 
 def _stored_rows(con: sqlite3.Connection, refs: Sequence[tuple]) -> Iterator[tuple[int, memoryview]]:

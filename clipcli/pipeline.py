@@ -18,12 +18,13 @@ import numpy as np
 
 from clipcli import scoring
 from clipcli.errors import InputError, OptionError, UsageError, os_reason
-from clipcli.index import FileRecord, Index, StoredImage, Variant, content_digest
+from clipcli.index import NOTHING_STORED, FileRecord, Index, StoredImage, StoredImages, Variant, content_digest
 from clipcli.inputs import Failure
 from clipcli.preprocess import (
     PreprocessConfig,
     check_size_limit,
     decode_image,
+    max_image_pixels,
     preprocess,
     read_image_file,
     source_pixels,
@@ -265,8 +266,8 @@ class Session:
         Entries the index has (by path and stat, without reading the file; else by content) are not computed; the
         rest are decoded by `workers` threads and run through the model in batches of exactly batch_size (the last
         may be smaller), each batch stored as it completes. A batch is yielded as soon as it is complete."""
-        stored: dict[str, np.ndarray | Failure] = {}
-        known: dict[str, bytes] = {}
+        stored: dict[str, int | Failure] = {}  # a row of found.matrix, or the failure decoding it would give now
+        found = NOTHING_STORED
         variant = self.variant
         if self.index is not None and variant is not None:
             states = []
@@ -277,21 +278,34 @@ class Session:
                     continue  # reported when it is read
             known = self.index.known_digests(states)
             found = self.index.image_features(variant, set(known.values()))
-            stored = {path: _stored(path, found[digest]) for path, digest in known.items() if digest in found}
+            oversized = _oversized(found)
+            row_of = found.rows.get
+            for path, digest in known.items():
+                row = row_of(digest)
+                if row is not None:
+                    stored[path] = row if row not in oversized else Failure(path, oversized[row])
         todo = [path for path in paths if path not in stored]
         computed = self._computed(todo, variant)
         ready: deque[tuple[str, np.ndarray | Failure]] = deque()
         batch_paths: list[str] = []
-        rows: list[np.ndarray] = []
+        rows: list[np.ndarray | int] = []  # computed features, or a row of found.matrix
+        computed_rows = 0
         failures: list[Failure] = []
 
         def flush() -> FeatureBatch:
+            nonlocal computed_rows
             done = len(batch_paths) + len(failures)
-            width = rows[0].shape[0] if rows else (self._info.projection_dim if self._info else 0)
-            batch = FeatureBatch(list(batch_paths), np.stack(rows) if rows else np.zeros((0, width), np.float32),
-                                 list(failures))
+            if not computed_rows and rows:  # all from the index: one gather
+                features = found.matrix[np.asarray(rows, dtype=np.intp)]
+            elif rows:
+                features = np.stack([found.matrix[row] if isinstance(row, int) else row for row in rows])
+            else:
+                width = found.matrix.shape[1] if len(found) else (self._info.projection_dim if self._info else 0)
+                features = np.zeros((0, width), np.float32)
+            batch = FeatureBatch(list(batch_paths), features, list(failures))
             batch_paths.clear()
             rows.clear()
+            computed_rows = 0
             failures.clear()
             if progress is not None:
                 progress(done)
@@ -299,15 +313,15 @@ class Session:
 
         flush_at = max(self.settings.batch_size, 256)  # rows from the index come in larger batches
         for path in paths:
-            if path in stored:
-                item: np.ndarray | Failure = stored[path]
-            else:
+            item: np.ndarray | int | Failure | None = stored.get(path)
+            if item is None:
                 if not ready:
                     if batch_paths or failures:  # hand over what is ready before waiting for the model
                         yield flush()
                     ready.extend(next(computed))
                 done_path, item = ready.popleft()
                 assert done_path == path
+                computed_rows += not isinstance(item, Failure)
             if isinstance(item, Failure):
                 failures.append(item)
             else:
@@ -403,9 +417,9 @@ class Session:
         stretch = [reads[i].result() for i in range(len(chunk))]
         if hashing and self.index is not None and variant is not None:
             hashed = [work.digest for work in stretch if work.memo is not None and work.digest is not None]
-            found = self.index.image_features(variant, hashed) if hashed else {}
+            found = self.index.image_features(variant, hashed) if hashed else NOTHING_STORED
             for work in stretch:
-                if work.digest in found:
+                if work.digest is not None and work.digest in found:
                     work.result = _stored(work.path, found[work.digest])
         misses = [work for work in stretch if work.result is None]
         if misses:
@@ -454,6 +468,19 @@ class _Pixels:
 
     pixels: np.ndarray
     count: int
+
+
+def _oversized(found: StoredImages) -> dict[int, str]:
+    """Rows of `found` whose image is beyond the size limit now -> why decoding it would fail."""
+    limit = max_image_pixels()
+    reasons: dict[int, str] = {}
+    for row, count in enumerate(found.pixels):
+        if limit is not None and count > limit:
+            try:
+                check_size_limit(count)
+            except InputError as err:
+                reasons[row] = str(err)
+    return reasons
 
 
 def _stored(path: str, entry: StoredImage) -> np.ndarray | Failure:

@@ -426,6 +426,11 @@ def check_size_limit(pixels: int) -> None:
         raise InputError(_too_large(pixels))
 
 
+def max_image_pixels() -> int | None:
+    """The decompression-bomb limit decoding applies now (None: none)."""
+    return Image.MAX_IMAGE_PIXELS
+
+
 PILLOW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default (about 89.5 megapixels)
 
 
