@@ -184,6 +184,7 @@ class Index:
         self._variants: dict[Variant, int] = {}
         self._models: dict[str, int] = {}
         self._checked = False  # whether the file was checked whole before this run's first write
+        self._wrote = False  # whether this run committed a write
         self.read_only = False  # opened for reading only (the user may not write it): nothing is stored
         self._warned = False  # the run's one warning about the index was given
         with self._guard():
@@ -196,6 +197,12 @@ class Index:
     def close(self) -> None:
         with self._lock:
             if self._con is not None:
+                if self._wrote:  # a run that appended rows has rewritten blocks: their old pages go, if no one waits
+                    try:
+                        self._con.execute("PRAGMA busy_timeout=0")
+                        _give_back_space(self._con)
+                    except sqlite3.Error:
+                        pass
                 self._con.close()
                 self._con = None
 
@@ -236,7 +243,12 @@ class Index:
                 if self.read_only:
                     raise IndexProblem(f"was written by an older clipcli (schema {version}) and cannot be upgraded "
                                        f"here (read-only)")
-                _upgrade(con)
+                self._check_before_writing(con)
+                dropped = _upgrade(con)
+                if dropped:  # the rest is kept: what was dropped is computed again when it is needed
+                    self._warned = True
+                    self._warn(f"the index {self.path} had {dropped} damaged entr{'y' if dropped == 1 else 'ies'} "
+                               f"(failing their checksums), left out when it was upgraded to this clipcli's format")
             con.execute("PRAGMA synchronous=NORMAL")  # WAL: committed batches survive a crash of the process
         except BaseException:
             con.close()
@@ -299,12 +311,9 @@ class Index:
                        f"new {what} are not stored")
         return True
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        con = self._con
-        assert con is not None
-        if self.read_only:
-            raise IndexProblem("cannot be written (read-only)")
+    def _check_before_writing(self, con: sqlite3.Connection) -> None:
+        """Check the whole file once per run before its first write (up to CHECK_BEFORE_WRITE_BYTES): damage is
+        found before anything is written to it."""
         if not self._checked:
             self._checked = True
             if self.size_bytes() <= CHECK_BEFORE_WRITE_BYTES:
@@ -312,6 +321,14 @@ class Index:
                 if verdict != "ok":
                     found = [line for line in str(verdict).splitlines() if line and not line.startswith("***")]
                     raise IndexProblem(f"is damaged ({(found or ['quick_check failed'])[0][:120]})")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        con = self._con
+        assert con is not None
+        if self.read_only:
+            raise IndexProblem("cannot be written (read-only)")
+        self._check_before_writing(con)
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con
@@ -320,6 +337,7 @@ class Index:
                 con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
+        self._wrote = True
 
     # ------------------------------------------------------------------------------------------ the stat memo
 
@@ -507,7 +525,8 @@ class Index:
                 variant_id = self._variant_id(variant, create=True)
                 if variant_id is None:  # the model was never recorded: nothing to key the rows by
                     raise IndexProblem("has no entry for the model of these features")
-                data = [_row_bytes(features) for _, features, _ in rows]
+                rows = list({digest: (digest, features, pixels) for digest, features, pixels in rows}.values())
+                data = [_row_bytes(features) for _, features, _ in rows]  # identical files in a batch: stored once
                 places = _append_rows(con, data)
                 con.executemany("INSERT OR REPLACE INTO image_keys VALUES (?, ?, ?, ?, ?, ?)", [
                     (variant_id, digest, block, slot, pixels, zlib.crc32(row, zlib.crc32(_image_key(digest, pixels))))
@@ -702,13 +721,15 @@ def _give_back_space(con: sqlite3.Connection) -> None:
     con.executescript("PRAGMA incremental_vacuum;")
 
 
-def _upgrade(con: sqlite3.Connection) -> None:
-    """Rewrite a schema 1 index as schema 2, keeping every entry (one transaction: a concurrent run waits for it)."""
+def _upgrade(con: sqlite3.Connection) -> int:
+    """Rewrite a schema 1 index as schema 2, keeping every entry that passes its checksum (one transaction: a
+    concurrent run waits for it); how many failed theirs and were left out."""
     con.execute("BEGIN IMMEDIATE")
+    dropped = 0
     try:
         version = con.execute("PRAGMA user_version").fetchone()[0]
         if version == 1:
-            _upgrade_from_1(con)
+            dropped = _upgrade_from_1(con)
         elif version != SCHEMA_VERSION:  # else a concurrent run has just upgraded it
             raise IndexProblem(f"is damaged (schema version {version})")
         con.execute("COMMIT")
@@ -717,9 +738,11 @@ def _upgrade(con: sqlite3.Connection) -> None:
             con.execute("ROLLBACK")
         raise
     _give_back_space(con)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the upgrade's log, as large as the index, is not kept
+    return dropped
 
 
-def _upgrade_from_1(con: sqlite3.Connection) -> None:
+def _upgrade_from_1(con: sqlite3.Connection) -> int:
     for table in ("files", "image_keys", "prompt_keys"):
         con.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
     for statement in _SCHEMA.split(";"):
@@ -727,25 +750,28 @@ def _upgrade_from_1(con: sqlite3.Connection) -> None:
             con.execute(statement)
     separator = os.fsencode(os.sep)
     folders: dict[bytes, int] = {}
+    dropped = 0
     rows = con.execute("SELECT path, dev, ino, size, mtime_ns, ctime_ns, racy, digest, crc FROM old_files")
     while chunk := rows.fetchmany(1000):
         memo = []
-        for path, *fields in chunk:  # the checksum covered the whole path: folder + name
+        for path, dev, ino, size, mtime, ctime, racy, digest, crc in chunk:
+            if crc != _memo_crc(path, dev, ino, size, mtime, ctime, racy, digest):  # over the whole path
+                dropped += 1
+                continue
             cut = path.rfind(separator) + 1
             folder = path[:cut]
             if folder not in folders:
                 folders[folder] = _folder_id(con, folder)
-            memo.append((folders[folder], path[cut:], *fields))
+            memo.append((folders[folder], path[cut:], dev, ino, size, mtime, ctime, racy, digest, crc))
         con.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", memo)
     kinds = [("image_keys", "variant, digest, pixels", lambda key: _image_key(key[1], key[2])),
              ("prompt_keys", "model, text, truncated", lambda key: _text_key(key[1]))]
     for table, columns, checked in kinds:
         rows = con.execute(f"SELECT {columns}, v.data, v.crc FROM old_{table} JOIN vectors v ON v.id = vector "
                            f"ORDER BY vector")
-        while chunk := rows.fetchmany(1000):
-            for *key, data, crc in chunk:
-                if zlib.crc32(data, zlib.crc32(checked(key))) != crc:
-                    raise IndexProblem("is damaged (an entry fails its checksum)")
+        while read := rows.fetchmany(1000):
+            chunk = [row for row in read if zlib.crc32(row[3], zlib.crc32(checked(row))) == row[4]]
+            dropped += len(read) - len(chunk)
             places = _append_rows(con, [data for *_, data, _ in chunk])
             con.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?)",
                             [(first, second, block, slot, third, crc) for (first, second, third, _, crc), (block, slot)
@@ -753,6 +779,7 @@ def _upgrade_from_1(con: sqlite3.Connection) -> None:
     for table in ("old_files", "old_image_keys", "old_prompt_keys", "vectors"):
         con.execute(f"DROP TABLE {table}")
     con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    return dropped
 
 
 def _gather(con: sqlite3.Connection, refs: list[tuple[int, int, bytes, int, int]]) -> StoredImages:

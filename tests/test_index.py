@@ -478,23 +478,61 @@ def test_an_index_of_schema_1_is_upgraded_with_every_entry(tiny_model_dir, folde
     assert classify(tiny_model_dir, folder, old) == first and calls == before
 
 
+def test_damaged_entries_of_schema_1_are_left_out_of_the_upgrade(tiny_model_dir, folder, tmp_path, reference, calls):
+    # A cache entry that fails its checksum is not worth the whole index: the rest is upgraded and kept, with one
+    # warning, and the entry is computed again.
+    current, old = tmp_path / "current.db", tmp_path / "old.db"
+    classify(tiny_model_dir, folder, current)
+    as_schema_1(current, old)
+    with sqlite3.connect(old) as con:
+        con.execute("UPDATE vectors SET crc = crc + 1 WHERE id = 2")  # an image's row (images come first)
+    before = dict(calls)
+    result = invoke("classify", folder, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, "--index", old)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (f"warning: the index {old} had 1 damaged entry (failing their checksums), left out when "
+                             "it was upgraded to this clipcli's format\n")
+    assert_close(scores(result), reference)
+    assert calls["images"] == before["images"] + 1 and calls["texts"] == before["texts"]
+    assert classify(tiny_model_dir, folder, old).keys() == reference.keys()  # then a warm run: no warning
+    assert calls["images"] == before["images"] + 1
+
+
+def test_a_damaged_index_of_schema_1_is_not_written_by_the_upgrade(tiny_model_dir, folder, tmp_path, reference):
+    current, old = tmp_path / "current.db", tmp_path / "old.db"
+    classify(tiny_model_dir, folder, current)
+    as_schema_1(current, old)
+    before = damage_a_table_page(old, "sqlite_autoindex_models_1")  # a page the upgrade itself does not read
+    assert "damaged" in faulty_run(tiny_model_dir, folder, old, reference)
+    assert old.read_bytes() == before  # checked whole before the upgrade's first write
+
+
 def test_an_index_of_schema_1_that_cannot_be_written_is_left_alone(tiny_model_dir, folder, tmp_path, reference,
                                                                    monkeypatch):
     current, old = tmp_path / "current.db", tmp_path / "old.db"
     classify(tiny_model_dir, folder, current)
     as_schema_1(current, old)
-    damaged = tmp_path / "damaged.db"
-    shutil.copy(old, damaged)
-    with sqlite3.connect(damaged) as con:
-        con.execute("UPDATE vectors SET crc = crc + 1 WHERE id = 2")
-    before = damaged.read_bytes()
-    assert "damaged" in faulty_run(tiny_model_dir, folder, damaged, reference)
-    assert damaged.read_bytes() == before  # the upgrade is one transaction: rolled back
     monkeypatch.setattr(index_module, "_writable", lambda path: False)
     before = old.read_bytes()
     assert "older clipcli (schema 1) and cannot be upgraded here (read-only)" in faulty_run(
         tiny_model_dir, folder, old, reference)
+    shown = invoke("index", "--index", old)
+    assert shown.exit_code == 2 and shown.stderr.endswith("; give --index a file you may write\n"), shown.stderr
     assert old.read_bytes() == before
+
+
+def test_a_cold_run_leaves_no_free_pages_and_stores_identical_files_once(many_images, tmp_path):
+    # Each batch rewrites the newest block with its rows added; the pages of the old copies are given back when the
+    # run ends. Two files with the same bytes in one batch are one entry.
+    model = make_hf_checkpoint(tmp_path / "wide", projection_dim=512)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(many_images.iterdir())[:60]:
+        shutil.copy(path, photos)
+    shutil.copy(photos / "000.png", photos / "000-again.png")
+    index = tmp_path / "index.db"
+    run("classify", photos, "-l", LABELS, "-f", "jsonl", "-m", model, "--batch-size", "4", index=index)
+    assert free_pages(index) == 0
+    assert stored_rows(index)[:2] == (60 + 3, 60 + 3)
 
 
 def test_index_command_without_an_index_file(tmp_path):
