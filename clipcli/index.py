@@ -247,8 +247,10 @@ class Index:
                 dropped = _upgrade(con)
                 if dropped:  # the rest is kept: what was dropped is computed again when it is needed
                     self._warned = True
-                    self._warn(f"the index {self.path} had {dropped} damaged entr{'y' if dropped == 1 else 'ies'} "
-                               f"(failing their checksums), left out when it was upgraded to this clipcli's format")
+                    what = ("1 damaged entry (failing its checksum)" if dropped == 1
+                            else f"{dropped} damaged entries (failing their checksums)")
+                    self._warn(f"the index {self.path} had {what}, left out when it was upgraded to this clipcli's "
+                               "format")
             con.execute("PRAGMA synchronous=NORMAL")  # WAL: committed batches survive a crash of the process
         except BaseException:
             con.close()

@@ -474,10 +474,12 @@ def _oversized(found: StoredImages) -> dict[int, str]:
     """Rows of `found` whose image is beyond the size limit now -> why decoding it would fail."""
     limit = max_image_pixels()
     reasons: dict[int, str] = {}
+    if limit is None:
+        return reasons
     for row, count in enumerate(found.pixels):
-        if limit is not None and count > limit:
+        if count > limit:
             try:
-                check_size_limit(count)
+                check_size_limit(count)  # raises, with the message decoding would give
             except InputError as err:
                 reasons[row] = str(err)
     return reasons

@@ -489,7 +489,7 @@ def test_damaged_entries_of_schema_1_are_left_out_of_the_upgrade(tiny_model_dir,
     before = dict(calls)
     result = invoke("classify", folder, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, "--index", old)
     assert result.exit_code == 0, result.stderr
-    assert result.stderr == (f"warning: the index {old} had 1 damaged entry (failing their checksums), left out when "
+    assert result.stderr == (f"warning: the index {old} had 1 damaged entry (failing its checksum), left out when "
                              "it was upgraded to this clipcli's format\n")
     assert_close(scores(result), reference)
     assert calls["images"] == before["images"] + 1 and calls["texts"] == before["texts"]
