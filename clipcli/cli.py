@@ -497,20 +497,10 @@ def _show_index(location: Path) -> None:
 
 def _not_an_index(location: Path, problem: str | None) -> UsageError:
     """The index command's error for an index it cannot use, with the fix for that problem."""
+    from clipcli.index import remedy
+
     problem = problem or "cannot be used"
-    if "read-only" in problem or "cannot be written" in problem:
-        fix = "; give --index a file you may write"
-    elif "disk is full" in problem:
-        fix = "; make room on its disk and run it again"
-    elif "locked by another process" in problem:
-        fix = "; run it again once the other clip run is done"
-    elif "newer clipcli" in problem:
-        fix = ""  # the problem says what to do
-    elif "is damaged (" in problem and "not an index" not in problem:
-        fix = "; delete the file (it holds only what clipcli can compute again)"
-    else:
-        fix = "; give --index the path of a clipcli index"
-    return UsageError(f"the index {location} {problem}{fix}")
+    return UsageError(f"the index {location} {problem}{remedy(problem)}")
 
 
 @command(cls=ClipCommand)

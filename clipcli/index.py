@@ -531,7 +531,7 @@ class Index:
                 data = [_row_bytes(features) for _, features, _ in rows]  # identical files in a batch: stored once
                 places = _append_rows(con, data)
                 con.executemany("INSERT OR REPLACE INTO image_keys VALUES (?, ?, ?, ?, ?, ?)", [
-                    (variant_id, digest, block, slot, pixels, zlib.crc32(row, zlib.crc32(_image_key(digest, pixels))))
+                    (variant_id, digest, block, slot, pixels, _row_crc(_image_key(digest, pixels), row))
                     for (digest, _, pixels), row, (block, slot) in zip(rows, data, places, strict=True)])
                 self._store_memo(con, files)
 
@@ -567,7 +567,7 @@ class Index:
                 data = [_row_bytes(features) for _, features, _ in rows]
                 places = _append_rows(con, data)
                 con.executemany("INSERT OR REPLACE INTO prompt_keys VALUES (?, ?, ?, ?, ?, ?)", [
-                    (model_id, text, block, slot, int(truncated), zlib.crc32(row, zlib.crc32(_text_key(text))))
+                    (model_id, text, block, slot, int(truncated), _row_crc(_text_key(text), row))
                     for (text, _, truncated), row, (block, slot) in zip(rows, data, places, strict=True)])
 
     # ------------------------------------------------------------------------------------------ upkeep
@@ -638,8 +638,13 @@ def _row_bytes(features: np.ndarray) -> bytes:
     return np.ascontiguousarray(features, dtype="<f4").tobytes()
 
 
+def _row_crc(key: bytes, data: bytes | memoryview) -> int:
+    """A feature row's checksum: it covers the key the row is stored under (_image_key, _text_key) too."""
+    return zlib.crc32(data, zlib.crc32(key))
+
+
 def _vector(key: bytes, data: bytes | memoryview, crc: int) -> np.ndarray:
-    if zlib.crc32(data, zlib.crc32(key)) != crc or len(data) % 4:
+    if _row_crc(key, data) != crc or len(data) % 4:
         raise IndexProblem("is damaged (an entry fails its checksum)")
     return np.frombuffer(bytes(data), dtype="<f4")
 
@@ -772,7 +777,7 @@ def _upgrade_from_1(con: sqlite3.Connection) -> int:
         rows = con.execute(f"SELECT {columns}, v.data, v.crc FROM old_{table} JOIN vectors v ON v.id = vector "
                            f"ORDER BY vector")
         while read := rows.fetchmany(1000):
-            chunk = [row for row in read if zlib.crc32(row[3], zlib.crc32(checked(row))) == row[4]]
+            chunk = [row for row in read if _row_crc(checked(row), row[3]) == row[4]]
             dropped += len(read) - len(chunk)
             places = _append_rows(con, [data for *_, data, _ in chunk])
             con.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?)",
@@ -791,46 +796,38 @@ def _gather(con: sqlite3.Connection, refs: list[tuple[int, int, bytes, int, int]
     digests: list[bytes] = []
     pixels: list[int] = []
     crc32 = zlib.crc32
-    at = 0  # refs[at:] are still to read
-    ids = sorted({ref[0] for ref in refs})
-    for chunk in _chunks(ids, _CHUNK):
-        for block, width, count, data in con.execute(
-                f"SELECT id, width, rows, data FROM blocks WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
-                chunk):
-            if width <= 0 or width % 4 or len(data) != width * count:
-                raise IndexProblem("is damaged (a block of features has the wrong length)")
-            while at < len(refs) and refs[at][0] < block:  # their block went away (compacted by a concurrent prune)
-                at += 1
-            end = at
-            while end < len(refs) and refs[end][0] == block:
-                end += 1
-            if end == at:
-                continue
-            view = memoryview(data)
-            slots = []
-            for _, slot, digest, size, crc in refs[at:end]:
-                if not 0 <= slot < count:
-                    raise IndexProblem("is damaged (an entry points past the end of its block)")
-                if crc32(view[slot * width:(slot + 1) * width], crc32(digest + size.to_bytes(8, "little"))) != crc:
-                    raise IndexProblem("is damaged (an entry fails its checksum)")  # _image_key, written out
-                slots.append(slot)
-                digests.append(digest)
-                pixels.append(size)
-            rows = np.frombuffer(data, dtype="<f4").reshape(count, width // 4)
-            if matrix is None:
-                matrix = np.empty((len(refs), rows.shape[1]), dtype="<f4")
-            if rows.shape[1] != matrix.shape[1]:
-                raise IndexProblem("is damaged (features of different lengths for one model)")
-            first = len(digests) - len(slots)
-            matrix[first:len(digests)] = rows[slots]
-            at = end
+    for data, width, start, end in _blocks_of(con, refs):
+        view = memoryview(data)
+        slots = []
+        for _, slot, digest, size, crc in refs[start:end]:
+            if crc32(view[slot * width:(slot + 1) * width], crc32(digest + size.to_bytes(8, "little"))) != crc:
+                raise IndexProblem("is damaged (an entry fails its checksum)")  # _row_crc(_image_key), written out
+            slots.append(slot)
+            digests.append(digest)
+            pixels.append(size)
+        rows = np.frombuffer(data, dtype="<f4").reshape(-1, width // 4)
+        if matrix is None:
+            matrix = np.empty((len(refs), rows.shape[1]), dtype="<f4")
+        if rows.shape[1] != matrix.shape[1]:
+            raise IndexProblem("is damaged (features of different lengths for one model)")
+        matrix[len(digests) - len(slots):len(digests)] = rows[slots]
     if matrix is None:
         return NOTHING_STORED
     return StoredImages(matrix[:len(digests)], {digest: row for row, digest in enumerate(digests)}, pixels)
 
 
 def _stored_rows(con: sqlite3.Connection, refs: Sequence[tuple]) -> Iterator[tuple[int, memoryview]]:
-    """(position in refs, the row's bytes) for refs starting (block, slot), sorted; a block that is gone (moved by a
+    """(position in refs, the row's bytes) for refs starting (block, slot), sorted (see _blocks_of)."""
+    for data, width, start, end in _blocks_of(con, refs):
+        view = memoryview(data)
+        for at in range(start, end):
+            slot = refs[at][1]
+            yield at, view[slot * width:(slot + 1) * width]
+
+
+def _blocks_of(con: sqlite3.Connection, refs: Sequence[tuple]) -> Iterator[tuple[bytes, int, int, int]]:
+    """For refs starting (block, slot), sorted: each block they point to, read once, as (its data, its row width,
+    start, end), refs[start:end] being the ones in it, their slots checked. A block that is gone (moved by a
     concurrent prune since the refs were read) leaves its refs out."""
     ids = sorted({ref[0] for ref in refs})
     at = 0
@@ -838,17 +835,18 @@ def _stored_rows(con: sqlite3.Connection, refs: Sequence[tuple]) -> Iterator[tup
         for block, width, count, data in con.execute(
                 f"SELECT id, width, rows, data FROM blocks WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
                 chunk):
-            if width <= 0 or len(data) != width * count:
+            if width <= 0 or width % 4 or len(data) != width * count:
                 raise IndexProblem("is damaged (a block of features has the wrong length)")
             while at < len(refs) and refs[at][0] < block:
                 at += 1
-            view = memoryview(data)
-            while at < len(refs) and refs[at][0] == block:
-                slot = refs[at][1]
-                if not 0 <= slot < count:
+            end = at
+            while end < len(refs) and refs[end][0] == block:
+                if not 0 <= refs[end][1] < count:
                     raise IndexProblem("is damaged (an entry points past the end of its block)")
-                yield at, view[slot * width:(slot + 1) * width]
-                at += 1
+                end += 1
+            if end > at:
+                yield data, width, at, end
+            at = end
 
 
 def _info_check(info: dict) -> int:
@@ -925,6 +923,22 @@ def _writable(path: Path) -> bool:
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def remedy(problem: str) -> str:
+    """What to do about a problem this module worded (Index.problem), as "; ...", for a command that stops on it
+    ("" when the problem says it)."""
+    if "read-only" in problem or "cannot be written" in problem:
+        return "; give --index a file you may write"
+    if "disk is full" in problem:
+        return "; make room on its disk and run it again"
+    if "locked by another process" in problem:
+        return "; run it again once the other clip run is done"
+    if "newer clipcli" in problem:
+        return ""
+    if "is damaged (" in problem:  # not "damaged or not an index": that file may be another program's
+        return "; delete the file (it holds only what clipcli can compute again)"
+    return "; give --index the path of a clipcli index"
 
 
 def _describe(err: BaseException) -> str:

@@ -520,6 +520,21 @@ def test_an_index_of_schema_1_that_cannot_be_written_is_left_alone(tiny_model_di
     assert old.read_bytes() == before
 
 
+@pytest.mark.parametrize(("problem", "fix"), [
+    (index_module._describe(sqlite3.OperationalError("database or disk is full")), "make room on its disk"),
+    (index_module._describe(sqlite3.OperationalError("database is locked")), "once the other clip run is done"),
+    (index_module._describe(sqlite3.OperationalError("attempt to write a readonly database")), "a file you may write"),
+    (index_module._describe(PermissionError(13, "Permission denied")), "a file you may write"),
+    (index_module._describe(sqlite3.DatabaseError("file is not a database")), "the path of a clipcli index"),
+    ("is damaged (an entry fails its checksum)", "delete the file"),
+    ("was written by a newer clipcli (schema 3, this one reads 2); upgrade clipcli or use another --index", None),
+])
+def test_the_index_command_names_the_fix_for_each_problem(problem, fix):
+    # `clip index` stops on a problem the other commands only warn about: its one-line error says what to do.
+    remedy = index_module.remedy(problem)
+    assert remedy == "" if fix is None else (remedy.startswith("; ") and fix in remedy), (problem, remedy)
+
+
 def test_a_cold_run_leaves_no_free_pages_and_stores_identical_files_once(many_images, tmp_path):
     # Each batch rewrites the newest block with its rows added; the pages of the old copies are given back when the
     # run ends. Two files with the same bytes in one batch are one entry.
