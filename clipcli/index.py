@@ -197,6 +197,7 @@ class Index:
     def close(self) -> None:
         with self._lock:
             if self._con is not None:
+                _roll_back(self._con)  # a transaction an interrupt left open (see _transaction) stores nothing
                 if self._wrote:  # a run that appended rows has rewritten blocks: their old pages go, if no one waits
                     try:
                         self._con.execute("PRAGMA busy_timeout=0")
@@ -289,11 +290,7 @@ class Index:
 
     def _disable(self, problem: str) -> None:
         if self._con is not None:
-            try:
-                if self._con.in_transaction:
-                    self._con.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            _roll_back(self._con)
             self._con.close()
             self._con = None
         if self.problem is None:
@@ -334,9 +331,8 @@ class Index:
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
+        except BaseException:  # GeneratorExit too: an interrupt between the yield and the with body left it open
+            _roll_back(con)
             raise
         con.execute("COMMIT")
         self._wrote = True
@@ -722,6 +718,16 @@ def _compact(con: sqlite3.Connection) -> None:
                              if row[2] == table])
 
 
+def _roll_back(con: sqlite3.Connection) -> None:
+    """Undo the open transaction, if any, while another error is on its way: a failing ROLLBACK must not hide that
+    error, and a connection already closed (a transaction's generator finalised after close) has nothing to undo."""
+    try:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
 def _give_back_space(con: sqlite3.Connection) -> None:
     """Truncate the file's free pages (outside a transaction). executescript steps the pragma to its end: a plain
     execute frees one page."""
@@ -741,8 +747,7 @@ def _upgrade(con: sqlite3.Connection) -> int:
             raise IndexProblem(f"is damaged (schema version {version})")
         con.execute("COMMIT")
     except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
+        _roll_back(con)
         raise
     _give_back_space(con)
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the upgrade's log, as large as the index, is not kept
