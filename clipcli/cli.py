@@ -171,9 +171,10 @@ MinScoreOpt = Annotated[float | None, typer.Option(
 @contextmanager
 def _session(model: str, device: str, dtype: Dtype | str, fast_decode: bool, batch_size: int, workers: int | None,
              index: Path | None, no_index: bool, engine: Engine = Engine.local,
-             address: str | None = None) -> Iterator[Session]:
+             address: str | None = None, index_is_the_work: bool = False) -> Iterator[Session]:
     """The run's Session, its index open for the run (none with --no-index); with --engine ray, a RaySession (no
-    index) whose cluster is left when the run ends."""
+    index) whose cluster is left when the run ends. `index_is_the_work`: a problem with the index is the command's
+    error (Session.index_problem), not a warning that the run goes on without it."""
     from clipcli.index import default_location, open_index
     from clipcli.pipeline import Session, Settings
     from clipcli.process import keep_freed_memory
@@ -185,7 +186,7 @@ def _session(model: str, device: str, dtype: Dtype | str, fast_decode: bool, bat
         with _ray_engine().RaySession(settings, address) as ray_session:
             yield ray_session
         return
-    store = open_index(None if no_index else (index or default_location()), warn)
+    store = open_index(None if no_index else (index or default_location()), warn, not index_is_the_work)
     try:
         yield Session(settings, store)
     finally:
@@ -438,7 +439,7 @@ def index_command(
     """
     from clipcli import output as out
     from clipcli import pipeline
-    from clipcli.index import Index, default_location
+    from clipcli.index import Index, default_location, unusable
 
     adding = bool(paths) or files_from is not None
     if sum((adding, prune, clear)) > 1:
@@ -447,7 +448,8 @@ def index_command(
     if adding:
         images, failures = _find_inputs(paths, files_from, exclude, max_megapixels)
         note_kept("the images indexed so far are kept; run it again to finish")
-        with (_session(model, device, dtype, fast_decode, batch_size, workers, location, False) as session,
+        with (_session(model, device, dtype, fast_decode, batch_size, workers, location, False,
+                       index_is_the_work=True) as session,
               out.progress_bar(len(images), quiet) as advance):
             counts = pipeline.index_images(session, images, progress=advance)
         failures.extend(counts.failures)
@@ -463,7 +465,7 @@ def index_command(
     if not location.exists():
         raise UsageError(f"there is no index at {location} yet; `clip index PATH` or any classify/embed run makes it")
     if prune or clear:
-        store = Index(location, lambda message: None)  # a problem is this command's error, below
+        store = Index(location, warn, warn_on_problem=False)  # a problem is this command's error, below
         try:
             if prune:
                 pruned = store.prune()
@@ -475,7 +477,7 @@ def index_command(
         finally:
             store.close()
         if store.problem is not None:
-            raise _not_an_index(location, store.problem)
+            raise UsageError(unusable(location, store.problem))
     if info or not (prune or clear):
         _show_index(location)
 
@@ -483,24 +485,16 @@ def index_command(
 def _show_index(location: Path) -> None:
     """Write what the index at `location` holds to stdout; UsageError when it is not a usable index."""
     from clipcli import output as out
-    from clipcli.index import Index
+    from clipcli.index import Index, unusable
 
-    store = Index(location, lambda message: None)  # a problem is this command's error, below
+    store = Index(location, warn, warn_on_problem=False)  # a problem is this command's error, below
     try:
         summary = store.summary()
     finally:
         store.close()
     if summary is None:
-        raise _not_an_index(location, store.problem)
+        raise UsageError(unusable(location, store.problem))
     write_stdout(out.render_index_summary(summary))
-
-
-def _not_an_index(location: Path, problem: str | None) -> UsageError:
-    """The index command's error for an index it cannot use, with the fix for that problem."""
-    from clipcli.index import remedy
-
-    problem = problem or "cannot be used"
-    return UsageError(f"the index {location} {problem}{remedy(problem)}")
 
 
 @command(cls=ClipCommand)

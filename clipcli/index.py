@@ -36,9 +36,9 @@ DIGEST_BYTES = 16  # of SHA-256: content addresses; 2**-64 collision odds even a
 # A file whose mtime/ctime lies this close to the moment it was looked at may change again within the same
 # timestamp tick, unseen by stat; its memo entry is not trusted (git's "racy" entries).
 RACY_NS = 2_000_000_000
-# Before the first write of a run, an index up to this size is checked whole (PRAGMA quick_check: about 0.1 s per 200
-# MB), so that damage anywhere in it is found before anything is written; larger ones rely on the checks made as each
-# page is read and on the entries' checksums.
+# Before the first write of a run, an index up to this size is checked whole (PRAGMA integrity_check: about 0.1 s per
+# 200 MB), so that damage anywhere in it is found before anything is written; larger ones rely on the checks made as
+# each page is read and on the entries' checksums.
 CHECK_BEFORE_WRITE_BYTES = 1 << 30
 BUSY_TIMEOUT_MS = 10_000  # a concurrent run's transaction takes milliseconds; a lock held longer is a problem
 _CHUNK = 500  # host parameters per IN (...) query
@@ -139,10 +139,12 @@ class Summary:
 
 
 _SCHEMA = """
+-- Model and variant ids are never reused: a run that read an id before a concurrent clear never finds another
+-- model's entries under it.
 CREATE TABLE IF NOT EXISTS models (
-    id INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE, name TEXT NOT NULL, info TEXT NOT NULL);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT NOT NULL UNIQUE, name TEXT NOT NULL, info TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS variants (
-    id INTEGER PRIMARY KEY, model INTEGER NOT NULL, dtype TEXT NOT NULL, fast_decode INTEGER NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model INTEGER NOT NULL, dtype TEXT NOT NULL, fast_decode INTEGER NOT NULL,
     UNIQUE (model, dtype, fast_decode));
 -- Rows of float32 features of one width (bytes), end to end in blocks of about BLOCK_BYTES: a row alone would leave
 -- much of its page empty. Rows are only appended, and a block's rows move only when prune compacts it, into a new block
@@ -167,6 +169,10 @@ CREATE TABLE IF NOT EXISTS files (
 """
 
 
+# The model is recorded (add_model) before any of its features are computed: only a concurrent clear removes it.
+_CLEARED = "was cleared by another run while this one used it"
+
+
 class IndexProblem(Exception):
     """Why the index cannot be used (one line); Index turns it into its one warning."""
 
@@ -175,8 +181,11 @@ class Index:
     """An open embedding index. Every method is safe to call after a problem: it then finds nothing and stores
     nothing. Thread-safe (one connection behind a lock)."""
 
-    def __init__(self, path: Path, warn: Callable[[str], None]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path, warn: Callable[[str], None], warn_on_problem: bool = True) -> None:
+        """`warn`: where the run's warnings go. `warn_on_problem` False: a problem that disables the index is not
+        warned of (the caller, for which the index is the work, reports `problem` as its error)."""
+        self.path = Path(path)  # as the user gave it, for messages
+        self._file = Path(os.path.realpath(path))  # SQLite keeps its -wal and -shm files beside this one
         self._warn = warn
         self.problem: str | None = None  # why the index stopped being used, once it has
         self._lock = threading.RLock()
@@ -187,6 +196,7 @@ class Index:
         self._wrote = False  # whether this run committed a write
         self.read_only = False  # opened for reading only (the user may not write it): nothing is stored
         self._warned = False  # the run's one warning about the index was given
+        self._warn_on_problem = warn_on_problem
         with self._guard():
             self._con = self._connect()
 
@@ -212,17 +222,17 @@ class Index:
     def _connect(self) -> sqlite3.Connection:
         if self.path.is_dir():
             raise IndexProblem("is a folder")
-        if not self.path.exists():
-            make_private_dirs(self.path.parent)  # file paths and embeddings say what is in someone's photos
+        file = self._file  # a symbolic link's target, which may not exist yet
+        if not file.exists():
+            make_private_dirs(file.parent)  # file paths and embeddings say what is in someone's photos
             try:
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:  # created by a concurrent run this instant
                 pass
-        if _writable(self.path):
-            con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                  check_same_thread=False)
+        if _writable(file):
+            con = sqlite3.connect(file, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
         else:  # a shared index this user may only read: read as it is, with no -wal/-shm files made beside it
-            con = sqlite3.connect(f"{self.path.absolute().as_uri()}?immutable=1", uri=True, isolation_level=None,
+            con = sqlite3.connect(f"{file.as_uri()}?immutable=1", uri=True, isolation_level=None,
                                   check_same_thread=False)
             self.read_only = True
         try:
@@ -295,7 +305,7 @@ class Index:
             self._con = None
         if self.problem is None:
             self.problem = problem
-            if not self._warned:  # one warning per run
+            if not self._warned and self._warn_on_problem:  # one warning per run
                 self._warned = True
                 self._warn(f"the index {self.path} {problem}; this run goes on without it")
 
@@ -316,10 +326,13 @@ class Index:
         if not self._checked:
             self._checked = True
             if self.size_bytes() <= CHECK_BEFORE_WRITE_BYTES:
-                verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+                # integrity_check, not quick_check: it also finds an index (the UNIQUE ones) that no longer matches
+                # its table, which would let a run store a model twice; it costs about as much (0.09 s for 100,000
+                # entries here): the blocks' pages dominate both
+                verdict = con.execute("PRAGMA integrity_check(1)").fetchone()[0]
                 if verdict != "ok":
                     found = [line for line in str(verdict).splitlines() if line and not line.startswith("***")]
-                    raise IndexProblem(f"is damaged ({(found or ['quick_check failed'])[0][:120]})")
+                    raise IndexProblem(f"is damaged ({(found or ['integrity_check failed'])[0][:120]})")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -351,12 +364,16 @@ class Index:
                 return found
             keys = _PathKeys()
             folders: dict[bytes, dict[bytes, tuple[str, os.stat_result]]] = {}
+            twins: list[tuple[str, os.stat_result]] = []  # a file given again under another spelling (./a, a)
             for path, state in files:
                 folder, name = keys(path)
                 named = folders.get(folder)
                 if named is None:
                     named = folders[folder] = {}
-                named[name] = (path, state)
+                if name in named:
+                    twins.append((path, state))
+                else:
+                    named[name] = (path, state)
             # The checksum and the comparison written out (not _memo_crc and _stat_key): this loop runs once per
             # file of every run.
             pack, crc32 = _MEMO_FIELDS.pack, zlib.crc32
@@ -375,6 +392,8 @@ class Index:
                                        and ctime == state.st_ctime_ns and size == state.st_size
                                        and ((ino - state.st_ino) & _UINT64) == 0
                                        and ((dev - state.st_dev) & _UINT64) == 0)
+            if twins:
+                found.update(self.file_entries(twins))
         return found
 
     def _memo_rows(self, folder: bytes, names: list[bytes]) -> Iterator[Iterable[tuple]]:
@@ -460,6 +479,12 @@ class Index:
                     self._models[fingerprint] = con.execute(
                         "SELECT id FROM models WHERE fingerprint = ?", (fingerprint,)).fetchone()[0]
 
+    def _look_ids_up_again(self) -> None:
+        """In a write transaction: the model and variant ids this run has read may be gone (a concurrent clear);
+        rows stored under them would be found by no one, and the run's model has no entry any more."""
+        self._models.clear()
+        self._variants.clear()
+
     def _model_id(self, fingerprint: str) -> int | None:
         if fingerprint not in self._models:
             assert self._con is not None
@@ -520,9 +545,10 @@ class Index:
             if self._con is None or self._not_stored("image embeddings"):
                 return
             with self._transaction() as con:
+                self._look_ids_up_again()
                 variant_id = self._variant_id(variant, create=True)
-                if variant_id is None:  # the model was never recorded: nothing to key the rows by
-                    raise IndexProblem("has no entry for the model of these features")
+                if variant_id is None:
+                    raise IndexProblem(_CLEARED)
                 rows = list({digest: (digest, features, pixels) for digest, features, pixels in rows}.values())
                 data = [_row_bytes(features) for _, features, _ in rows]  # identical files in a batch: stored once
                 places = _append_rows(con, data)
@@ -557,9 +583,10 @@ class Index:
             if self._con is None or self._not_stored("prompt embeddings"):
                 return
             with self._transaction() as con:
+                self._look_ids_up_again()
                 model_id = self._model_id(model)
                 if model_id is None:
-                    raise IndexProblem("has no entry for the model of these features")
+                    raise IndexProblem(_CLEARED)
                 data = [_row_bytes(features) for _, features, _ in rows]
                 places = _append_rows(con, data)
                 con.executemany("INSERT OR REPLACE INTO prompt_keys VALUES (?, ?, ?, ?, ?, ?)", [
@@ -589,7 +616,7 @@ class Index:
 
     def size_bytes(self) -> int:
         """The index file and its write-ahead log, in bytes."""
-        return sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return sum(os.path.getsize(p) for p in (self._file, Path(f"{self._file}-wal")) if p.exists())
 
     def prune(self) -> tuple[int, int] | None:
         """Forget files that are gone and the image entries no remaining file has; (files, images) removed."""
@@ -598,7 +625,7 @@ class Index:
                 return None
             folders = dict(self._con.execute("SELECT id, path FROM folders"))
             gone = [(folder, name) for folder, name in self._con.execute("SELECT folder, name FROM files")
-                    if folder not in folders or not os.path.lexists(os.fsdecode(folders[folder] + name))]
+                    if folder not in folders or not os.path.isfile(os.fsdecode(folders[folder] + name))]
             with self._transaction() as con:
                 con.executemany("DELETE FROM files WHERE folder = ? AND name = ?", gone)
                 con.execute("DELETE FROM folders WHERE id NOT IN (SELECT folder FROM files)")
@@ -625,9 +652,9 @@ class Index:
         return False
 
 
-def open_index(path: Path | None, warn: Callable[[str], None]) -> Index | None:
+def open_index(path: Path | None, warn: Callable[[str], None], warn_on_problem: bool = True) -> Index | None:
     """The index at `path` (created when missing), or None for no index (path None)."""
-    return None if path is None else Index(path, warn)
+    return None if path is None else Index(path, warn, warn_on_problem)
 
 
 def _row_bytes(features: np.ndarray) -> bytes:
@@ -755,11 +782,13 @@ def _upgrade(con: sqlite3.Connection) -> int:
 
 
 def _upgrade_from_1(con: sqlite3.Connection) -> int:
-    for table in ("files", "image_keys", "prompt_keys"):
+    for table in ("files", "image_keys", "prompt_keys", "models", "variants"):
         con.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             con.execute(statement)
+    for table, columns in (("models", "id, fingerprint, name, info"), ("variants", "id, model, dtype, fast_decode")):
+        con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM old_{table}")  # ids kept: keys use them
     separator = os.fsencode(os.sep)
     folders: dict[bytes, int] = {}
     dropped = 0
@@ -788,7 +817,7 @@ def _upgrade_from_1(con: sqlite3.Connection) -> int:
             con.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?, ?)",
                             [(first, second, block, slot, third, crc) for (first, second, third, _, crc), (block, slot)
                              in zip(chunk, places, strict=True)])
-    for table in ("old_files", "old_image_keys", "old_prompt_keys", "vectors"):
+    for table in ("old_files", "old_image_keys", "old_prompt_keys", "old_models", "old_variants", "vectors"):
         con.execute(f"DROP TABLE {table}")
     con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return dropped
@@ -919,15 +948,23 @@ def _memo_crc(key: bytes, dev: int, ino: int, size: int, mtime: int, ctime: int,
     return zlib.crc32(key + _MEMO_FIELDS.pack(dev, ino, size, mtime, ctime, racy) + digest)
 
 
-def _writable(path: Path) -> bool:
-    """Whether this process may write the index file and create its -wal and -shm files beside it."""
-    real = os.path.realpath(path)  # SQLite puts them beside the file a symbolic link leads to
-    return os.access(real, os.W_OK) and os.access(os.path.dirname(real), os.W_OK | os.X_OK)
+def _writable(file: Path) -> bool:
+    """Whether this process may write the index file (no symbolic link) and create its -wal and -shm files beside
+    it."""
+    return os.access(file, os.W_OK) and os.access(file.parent, os.W_OK | os.X_OK)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def unusable(path: Path | None, problem: str | None, part_way: bool = False) -> str:
+    """A command's error for an index it cannot do its work without: the problem and its fix (`part_way`: the
+    problem came after the command had stored some of its work)."""
+    problem = problem or "cannot be used"
+    kept = "; the images indexed before that are kept" if part_way and problem != _CLEARED else ""
+    return f"the index {path} {problem}{remedy(problem)}{kept}"
 
 
 def remedy(problem: str) -> str:
@@ -939,8 +976,10 @@ def remedy(problem: str) -> str:
         return "; make room on its disk and run it again"
     if "locked by another process" in problem:
         return "; run it again once the other clip run is done"
-    if "newer clipcli" in problem:
+    if "newer clipcli" in problem or "give --index" in problem:  # the problem says what to do
         return ""
+    if problem == _CLEARED:
+        return "; run it again"
     if "is damaged (" in problem:  # not "damaged or not an index": that file may be another program's
         return "; delete the file (it holds only what clipcli can compute again)"
     return "; give --index the path of a clipcli index"

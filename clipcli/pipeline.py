@@ -12,13 +12,23 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipcli import scoring
 from clipcli.errors import InputError, OptionError, UsageError, os_reason
-from clipcli.index import NOTHING_STORED, FileRecord, Index, StoredImage, StoredImages, Variant, content_digest
+from clipcli.index import (
+    NOTHING_STORED,
+    FileRecord,
+    Index,
+    StoredImage,
+    StoredImages,
+    Variant,
+    content_digest,
+    unusable,
+)
 from clipcli.inputs import Failure
 from clipcli.preprocess import (
     PreprocessConfig,
@@ -107,6 +117,7 @@ class Session:
         """`clip`: a model already loaded for `settings` (scripts that run many sessions on one model)."""
         self.settings = settings
         self.index = index if index is not None and index.usable else None
+        self._opened_index = index
         self._files: ModelFiles | None = None
         self._fingerprint: str | None = None
         self._info: ModelInfo | None = None
@@ -118,6 +129,15 @@ class Session:
             self._use(clip)
         self.computed_images = 0  # images that went through the model in this session
         self.computed_texts = 0
+
+    @property
+    def index_location(self) -> Path | None:
+        return self._opened_index.path if self._opened_index is not None else None
+
+    @property
+    def index_problem(self) -> str | None:
+        """Why the run's index cannot be used (at the start or since), or None."""
+        return self._opened_index.problem if self._opened_index is not None else None
 
     # ------------------------------------------------------------------------------------------ the model, lazily
 
@@ -338,12 +358,24 @@ class Session:
         queue: deque[_Work] = deque()  # in order; handed out once it and everything before it is done
 
         def run_model() -> None:
-            features = self.clip.image_features([work.pixels for work in waiting])
-            self.computed_images += len(waiting)
-            rows = [(work.digest, row, work.pixel_count) for work, row in zip(waiting, features, strict=True)
+            # The same content twice in a batch (a copy, or one file under two spellings) goes through the model once.
+            first: dict[bytes, int] = {}
+            unique: list[_Work] = []
+            places = []
+            for work in waiting:
+                place = first.get(work.digest) if work.digest else None
+                if place is None:
+                    place = len(unique)
+                    unique.append(work)
+                    if work.digest:
+                        first[work.digest] = place
+                places.append(place)
+            features = self.clip.image_features([work.pixels for work in unique])
+            self.computed_images += len(unique)
+            rows = [(work.digest, row, work.pixel_count) for work, row in zip(unique, features, strict=True)
                     if work.digest]
-            for work, row in zip(waiting, features, strict=True):
-                work.result = row
+            for work, place in zip(waiting, places, strict=True):
+                work.result = features[place]
             if self.index is not None and variant is not None:
                 self.index.add_image_features(variant, rows, [w.memo for w in waiting if w.memo is not None])
             waiting.clear()
@@ -646,7 +678,7 @@ class IndexCounts:
 def index_images(session: Session, paths: Sequence[str], progress: Progress | None = None) -> IndexCounts:
     """Make sure the index holds every image's features for the session's model; count what that took."""
     if session.index is None or session.variant is None:
-        raise UsageError("the index cannot be used (see the warning above); nothing was indexed")
+        raise UsageError(f"{unusable(session.index_location, session.index_problem)}; nothing was indexed")
     if session.index.read_only:
         raise UsageError(f"the index {session.index.path} cannot be written (read-only); nothing was indexed; give "
                          "--index a file you may write")
@@ -663,6 +695,8 @@ def index_images(session: Session, paths: Sequence[str], progress: Progress | No
     for batch in session.image_features(paths, progress):
         done.extend(batch.paths)
         failures.extend(batch.failures)
+        if session.index_problem is not None:  # nothing more can be stored: the work stops here
+            raise UsageError(unusable(session.index_location, session.index_problem, part_way=True))
     after = session.index.file_entries([(path, state) for path, state in states if path in before])
     updated = kept = 0
     for path in done:

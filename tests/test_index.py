@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from PIL import Image
 
 from clipcli import index as index_module
 from clipcli import loader
+from clipcli import pipeline as pipeline_module
 from tests.conftest import make_hf_checkpoint, photo
 from tests.test_cli import clip_command, clip_env, interrupt, invoke
 
@@ -472,9 +474,10 @@ def test_an_index_of_schema_1_is_upgraded_with_every_entry(tiny_model_dir, folde
     assert calls == before and reads == []  # features, prompts and stat memo all kept
     with sqlite3.connect(old) as con:
         assert con.execute("PRAGMA user_version").fetchone()[0] == index_module.SCHEMA_VERSION
-        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"models", "variants", "blocks", "image_keys", "prompt_keys", "folders", "files",
-                      "sqlite_sequence"}
+        tables = dict(con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    assert tables.keys() == {"models", "variants", "blocks", "image_keys", "prompt_keys", "folders", "files",
+                             "sqlite_sequence"}
+    assert "AUTOINCREMENT" in tables["models"] and "AUTOINCREMENT" in tables["variants"]  # ids never reused
     assert stored_rows(old)[:2] == (6 + 3, 6 + 3) and free_pages(old) == 0  # the old tables' space given back
     assert classify(tiny_model_dir, folder, old) == first and calls == before
 
@@ -529,6 +532,8 @@ def test_an_index_of_schema_1_that_cannot_be_written_is_left_alone(tiny_model_di
     (index_module._describe(sqlite3.DatabaseError("file is not a database")), "the path of a clipcli index"),
     ("is damaged (an entry fails its checksum)", "delete the file"),
     ("was written by a newer clipcli (schema 3, this one reads 2); upgrade clipcli or use another --index", None),
+    ("is not a clipcli index (another program's SQLite file); give --index a new file name", None),
+    ("was cleared by another run while this one used it", "run it again"),
 ])
 def test_the_index_command_names_the_fix_for_each_problem(problem, fix):
     # `clip index` stops on a problem the other commands only warn about: its one-line error says what to do.
@@ -893,3 +898,173 @@ def test_a_full_disk_gives_a_warning_and_correct_results(tiny_model_dir, many_im
                            timeout=120)
     assert_close({r["path"]: r["scores"] for r in map(json.loads, full.stdout.splitlines())},
                  {r["path"]: r["scores"] for r in map(json.loads, plain.stdout.splitlines())})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# found by a black-box pass (stop 21): each test fails on the code before its fix
+
+
+def test_a_clear_during_a_run_never_gives_another_model_its_rows(tmp_path):
+    # A run keeps the model and variant ids it has read. Before: `clip index --clear` beside it removed them, the run
+    # went on storing rows under them, and the next model recorded got the same ids and was served those rows.
+    from clipcli.index import Index, Variant
+
+    db = tmp_path / "index.db"
+    one, two = Variant("one", "fp32", False), Variant("two", "fp32", False)
+    row = np.ones(4, dtype=np.float32) / 2
+    warnings: list[str] = []
+    writer, reader = Index(db, warnings.append), Index(db, lambda message: pytest.fail(message))
+    try:
+        writer.add_model("one", "m1", {"projection_dim": 4})
+        writer.add_image_features(one, [(b"a" * 16, row, 100)])
+        assert b"a" * 16 in reader.image_features(one, [b"a" * 16])  # the reader has read one's ids
+        cleared = Index(db, lambda message: pytest.fail(message))
+        assert cleared.clear()
+        cleared.close()
+        writer.add_image_features(one, [(b"b" * 16, row, 100)])  # the run's next batch
+        assert warnings == [f"the index {db} was cleared by another run while this one used it; this run goes on "
+                            "without it"]
+        second = Index(db, lambda message: pytest.fail(message))
+        second.add_model("two", "m2", {"projection_dim": 4})
+        second.add_image_features(two, [(b"c" * 16, -row, 100)])
+        second.close()
+        assert len(reader.image_features(one, [b"a" * 16, b"b" * 16, b"c" * 16])) == 0  # two's rows: not one's
+        check = Index(db, lambda message: pytest.fail(message))
+        assert len(check.image_features(two, [b"a" * 16, b"b" * 16])) == 0
+        np.testing.assert_array_equal(check.image_features(two, [b"c" * 16])[b"c" * 16][0], -row)
+        check.close()
+    finally:
+        writer.close()
+        reader.close()
+    assert stored_rows(db)[:2] == (1, 1)  # nothing was stored under the cleared ids
+
+
+def test_a_running_index_command_whose_index_is_cleared_stops_with_one_error(tiny_model_dir, folder, tmp_path,
+                                                                            monkeypatch):
+    db = tmp_path / "index.db"
+    add = index_module.Index.add_image_features
+    done = []
+
+    def clear_after_the_first_batch(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        if not done:
+            done.append(True)
+            other = index_module.Index(db, lambda message: pytest.fail(message))
+            other.clear()
+            other.close()
+
+    monkeypatch.setattr(index_module.Index, "add_image_features", clear_after_the_first_batch)
+    result = run("index", folder, "-m", tiny_model_dir, "--batch-size", "2", index=db, expect=2)
+    assert result.stderr == (f"error: the index {db} was cleared by another run while this one used it; run it "
+                             "again\n")
+
+
+def test_an_index_command_whose_index_fails_part_way_stops_with_one_error(tiny_model_dir, folder, tmp_path,
+                                                                         monkeypatch):
+    # Before: one warning that the run "goes on without it", then a summary counting every image as indexed, exit 0.
+    db = tmp_path / "index.db"
+    append, batches = index_module._append_rows, []
+
+    def disk_full_at_the_second_batch(con, rows, *args, **kwargs):
+        batches.append(len(rows))
+        if len(batches) == 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return append(con, rows, *args, **kwargs)
+
+    monkeypatch.setattr(index_module, "_append_rows", disk_full_at_the_second_batch)
+    result = run("index", folder, "-m", tiny_model_dir, "--batch-size", "2", index=db, expect=2)
+    assert result.stderr == (f"error: the index {db} cannot grow: the disk is full (database or disk is full); make "
+                             "room on its disk and run it again; the images indexed before that are kept\n")
+    assert len(batches) == 2  # the work stopped there: nothing more could be stored
+    monkeypatch.setattr(index_module, "_append_rows", append)
+    assert summary(run("index", folder, "-m", tiny_model_dir, index=db)) == (4, 0, 2, 0)
+
+
+@pytest.mark.parametrize("kind", ["not-sqlite", "folder"])
+def test_index_command_with_paths_on_an_unusable_index_says_one_line(tiny_model_dir, folder, tmp_path, kind):
+    # Before: a warning that the run "goes on without it" (it did not), then the error.
+    target = tmp_path / "notes.txt"
+    if kind == "folder":
+        target.mkdir()
+    else:
+        target.write_text("my notes\n" * 100)
+    result = invoke("index", folder, "-m", tiny_model_dir, "--index", target)
+    assert result.exit_code == 2 and result.stdout == ""
+    problem = "is a folder" if kind == "folder" else "is damaged or not an index"
+    assert result.stderr.startswith(f"error: the index {target} {problem}"), result.stderr
+    assert result.stderr.endswith("; nothing was indexed\n") and len(result.stderr.splitlines()) == 1
+
+
+def test_an_index_behind_a_symbolic_link_not_made_yet_is_created_there(tiny_model_dir, folder, tmp_path):
+    # Before: the dangling link was taken for an unwritable index; an empty 0644 file was left at its target.
+    link, real = tmp_path / "link.db", tmp_path / "store" / "real.db"
+    real.parent.mkdir()
+    link.symlink_to(real)
+    assert summary(run("index", folder, "-m", tiny_model_dir, index=link)) == (6, 0, 0, 0)
+    assert link.is_symlink() and stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert summary(run("index", folder, "-m", tiny_model_dir, index=link)) == (0, 0, 6, 0)
+    shown = run("index", index=link).stdout
+    assert "6 images" in shown and f"{real.stat().st_size / 1e6:.1f} MB" in shown
+
+
+def test_prune_forgets_a_file_whose_path_is_now_a_folder(tiny_model_dir, folder, tmp_path):
+    db = tmp_path / "index.db"
+    run("index", folder, "-m", tiny_model_dir, index=db)
+    (folder / "p0.png").unlink()
+    (folder / "p0.png").mkdir()
+    pruned = run("index", "--prune", index=db)
+    assert "1 file(s) that are gone, 1 embedding(s)" in pruned.stderr
+    assert "5 images" in run("index", index=db).stdout
+
+
+def test_one_file_given_under_two_spellings_is_known_under_both(tiny_model_dir, folder, tmp_path, monkeypatch,
+                                                                calls):
+    # Before: the stat memo looked up one spelling only, so the other was read and hashed again, and counted new, on
+    # every run.
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(index_module, "RACY_NS", 0)  # files made a moment ago are "racy" (re-read) otherwise
+    assert summary(run("index", "p0.png", "./p0.png", "-m", tiny_model_dir, index=tmp_path / "index.db")) == \
+        (2, 0, 0, 0)
+    reads = []
+    digest = index_module.content_digest
+    monkeypatch.setattr(pipeline_module, "content_digest", lambda data: reads.append(1) or digest(data))
+    again = run("index", "p0.png", "./p0.png", ".", "-m", tiny_model_dir, index=tmp_path / "index.db")
+    assert summary(again) == (5, 0, 2, 0) and model_runs(again) == 5
+    assert len(reads) == 5 and calls["images"] == 1 + 5
+
+
+def test_damage_in_a_unique_index_is_found_before_anything_is_written(tiny_model_dir, folder, tmp_path, reference):
+    # One character of the models' UNIQUE index changed: PRAGMA quick_check passes it; a run then stored the model a
+    # second time and computed every image again. integrity_check finds it.
+    db = tmp_path / "index.db"
+    run("index", folder, "-m", tiny_model_dir, index=db)
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_models_1'").fetchone()[0]
+        fingerprint = con.execute("SELECT fingerprint FROM models").fetchone()[0].encode()
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    data = bytearray(db.read_bytes())
+    at = data.find(fingerprint, (root - 1) * page_size, root * page_size)
+    data[at] = ord("0") if data[at] != ord("0") else ord("1")
+    db.write_bytes(bytes(data))
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    others = tmp_path / "others"
+    others.mkdir()
+    photo(30, 30, seed=50).save(others / "q.png")
+    result = invoke("index", others, "-m", tiny_model_dir, "--index", db)
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: the index {db} is damaged (row 1 missing from index "
+                                    "sqlite_autoindex_models_1)"), result.stderr
+    assert db.read_bytes() == bytes(data)
+    assert "damaged" in faulty_run(tiny_model_dir, folder, db, reference)
+    assert db.read_bytes() == bytes(data)
+
+
+def test_copies_in_one_batch_go_through_the_model_once(tiny_model_dir, folder, tmp_path, calls, reference):
+    for n in range(3):
+        shutil.copy(folder / "p0.png", folder / f"copy{n}.png")
+    result = scores(run("classify", folder, "-l", LABELS, "-f", "jsonl", "-m", tiny_model_dir, index=tmp_path / "i.db"))
+    assert calls["images"] == 6 + 6  # the reference's 6 without the index, then 6 distinct contents
+    assert all(result[str(folder / f"copy{n}.png")] == result[str(folder / "p0.png")] for n in range(3))
+    assert_close({path: row for path, row in result.items() if "copy" not in path}, reference)
