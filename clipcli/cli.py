@@ -25,6 +25,7 @@ from clipcli.process import (
     eprint,
     guard_standard_streams,
     handle_errors,
+    ignore_late_signals,
     install_signal_handlers,
     note_kept,
     warn,
@@ -1154,7 +1155,10 @@ def main() -> None:
     install_signal_handlers()
     guard_standard_streams()
     invoked = os.path.basename(sys.argv[0]) if sys.argv else ""
-    app(prog_name="clipcli" if invoked.startswith("clipcli") and not invoked.endswith(".py") else "clip")
+    try:
+        app(prog_name="clipcli" if invoked.startswith("clipcli") and not invoked.endswith(".py") else "clip")
+    finally:
+        ignore_late_signals()
 
 
 if __name__ == "__main__":

@@ -194,6 +194,7 @@ class Index:
         self._models: dict[str, int] = {}
         self._checked = False  # whether the file was checked whole before this run's first write
         self._wrote = False  # whether this run committed a write
+        self.images_stored = 0  # image entries this run has committed
         self.read_only = False  # opened for reading only (the user may not write it): nothing is stored
         self._warned = False  # the run's one warning about the index was given
         self._warn_on_problem = warn_on_problem
@@ -254,7 +255,7 @@ class Index:
                 if self.read_only:
                     raise IndexProblem(f"was written by an older clipcli (schema {version}) and cannot be upgraded "
                                        f"here (read-only)")
-                self._check_before_writing(con)
+                self._check_whole_file(con)
                 dropped = _upgrade(con)
                 if dropped:  # the rest is kept: what was dropped is computed again when it is needed
                     self._warned = True
@@ -320,9 +321,9 @@ class Index:
                        f"new {what} are not stored")
         return True
 
-    def _check_before_writing(self, con: sqlite3.Connection) -> None:
-        """Check the whole file once per run before its first write (up to CHECK_BEFORE_WRITE_BYTES): damage is
-        found before anything is written to it."""
+    def _check_whole_file(self, con: sqlite3.Connection) -> None:
+        """Check the whole file once per run (up to CHECK_BEFORE_WRITE_BYTES): before its first write, so that damage
+        is found before anything is written to it, and before its contents are shown."""
         if not self._checked:
             self._checked = True
             if self.size_bytes() <= CHECK_BEFORE_WRITE_BYTES:
@@ -340,7 +341,7 @@ class Index:
         assert con is not None
         if self.read_only:
             raise IndexProblem("cannot be written (read-only)")
-        self._check_before_writing(con)
+        self._check_whole_file(con)
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con
@@ -556,6 +557,7 @@ class Index:
                     (variant_id, digest, block, slot, pixels, _row_crc(_image_key(digest, pixels), row))
                     for (digest, _, pixels), row, (block, slot) in zip(rows, data, places, strict=True)])
                 self._store_memo(con, files)
+            self.images_stored += len(rows)
 
     def text_features(self, model: str, texts: Iterable[str]) -> dict[str, tuple[np.ndarray, bool]]:
         """text -> ((D,) float32 features, whether the text was truncated to the context) stored for `model`."""
@@ -601,6 +603,7 @@ class Index:
             if self._con is None:
                 return None
             con = self._con
+            self._check_whole_file(con)
             models = []
             for model_id, fingerprint, name in con.execute("SELECT id, fingerprint, name FROM models ORDER BY id"):
                 prompts = con.execute("SELECT count(*) FROM prompt_keys WHERE model = ?", (model_id,)).fetchone()[0]
@@ -959,12 +962,15 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def unusable(path: Path | None, problem: str | None, part_way: bool = False) -> str:
-    """A command's error for an index it cannot do its work without: the problem and its fix (`part_way`: the
-    problem came after the command had stored some of its work)."""
+def unusable(path: Path | None, problem: str | None, indexed: int | None = None) -> str:
+    """A command's error for an index it cannot do its work without: the problem and its fix, then for a command
+    that was filling it, what became of its work (`indexed`: the images it had stored)."""
     problem = problem or "cannot be used"
-    kept = "; the images indexed before that are kept" if part_way and problem != _CLEARED else ""
-    return f"the index {path} {problem}{remedy(problem)}{kept}"
+    if indexed is None or problem == _CLEARED:
+        outcome = ""
+    else:
+        outcome = "; the images indexed before that are kept" if indexed else "; nothing was indexed"
+    return f"the index {path} {problem}{remedy(problem)}{outcome}"
 
 
 def remedy(problem: str) -> str:

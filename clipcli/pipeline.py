@@ -678,7 +678,7 @@ class IndexCounts:
 def index_images(session: Session, paths: Sequence[str], progress: Progress | None = None) -> IndexCounts:
     """Make sure the index holds every image's features for the session's model; count what that took."""
     if session.index is None or session.variant is None:
-        raise UsageError(f"{unusable(session.index_location, session.index_problem)}; nothing was indexed")
+        raise UsageError(unusable(session.index_location, session.index_problem, indexed=0))
     if session.index.read_only:
         raise UsageError(f"the index {session.index.path} cannot be written (read-only); nothing was indexed; give "
                          "--index a file you may write")
@@ -696,7 +696,7 @@ def index_images(session: Session, paths: Sequence[str], progress: Progress | No
         done.extend(batch.paths)
         failures.extend(batch.failures)
         if session.index_problem is not None:  # nothing more can be stored: the work stops here
-            raise UsageError(unusable(session.index_location, session.index_problem, part_way=True))
+            raise UsageError(unusable(session.index_location, session.index_problem, session.index.images_stored))
     after = session.index.file_entries([(path, state) for path, state in states if path in before])
     updated = kept = 0
     for path in done:

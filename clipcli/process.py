@@ -184,6 +184,14 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
 
 
+def ignore_late_signals() -> None:
+    """Once the command has ended (its output written, its last line said), SIGINT and SIGTERM change nothing: the
+    process exits with the command's code. Left to Python, one arriving while the interpreter shuts down (torch's
+    teardown takes a moment) killed the process by the signal after a successful run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def error_message(err: UsageError) -> str:
     """The one stderr line of a usage error, in flag wording."""
     if isinstance(err, OptionError):

@@ -869,6 +869,23 @@ def test_repeated_interrupts_still_clean_up_quietly(tiny_model_dir, many_images,
         np.testing.assert_array_equal(np.load(npy), np.ones((2, 3), dtype=np.float32))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_command_has_ended_changes_nothing(tmp_path, signum):
+    # A Ctrl-C that lands after the work is done, while the interpreter shuts down (a black-box pass saw it after
+    # `clip index` printed its summary), killed the process by the signal. Here it arrives at the latest moment, in
+    # an atexit callback.
+    script = ("import atexit, os, sys, time\n"
+              "from clipcli import cli\n"
+              f"atexit.register(lambda: (os.kill(os.getpid(), {int(signum)}), time.sleep(0.2)))\n"
+              "sys.argv = ['clip', 'index', '--index', sys.argv[1]]\n"
+              "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "none.db")], capture_output=True, text=True,
+                          env=clip_env(), timeout=60)
+    assert done.returncode == 2, done
+    assert done.stderr.splitlines() == [f"error: there is no index at {tmp_path / 'none.db'} yet; `clip index PATH` "
+                                        "or any classify/embed run makes it"]
+
+
 def test_empty_folder_warns_and_writes_empty_results(tmp_path, tiny_model_dir):
     from typer.testing import CliRunner
 

@@ -1053,10 +1053,12 @@ def test_damage_in_a_unique_index_is_found_before_anything_is_written(tiny_model
     others.mkdir()
     photo(30, 30, seed=50).save(others / "q.png")
     result = invoke("index", others, "-m", tiny_model_dir, "--index", db)
-    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith(f"error: the index {db} is damaged (row 1 missing from index "
-                                    "sqlite_autoindex_models_1)"), result.stderr
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == (f"error: the index {db} is damaged (row 1 missing from index sqlite_autoindex_models_1); "
+                             "delete the file (it holds only what clipcli can compute again); nothing was indexed\n")
     assert db.read_bytes() == bytes(data)
+    shown = invoke("index", "--index", db)  # showing what it holds checks it too
+    assert shown.exit_code == 2 and shown.stdout == "" and "is damaged (row 1 missing" in shown.stderr
     assert "damaged" in faulty_run(tiny_model_dir, folder, db, reference)
     assert db.read_bytes() == bytes(data)
 
