@@ -36,9 +36,9 @@ DIGEST_BYTES = 16  # of SHA-256: content addresses; 2**-64 collision odds even a
 # A file whose mtime/ctime lies this close to the moment it was looked at may change again within the same
 # timestamp tick, unseen by stat; its memo entry is not trusted (git's "racy" entries).
 RACY_NS = 2_000_000_000
-# Before the first write of a run, an index up to this size is checked whole (PRAGMA integrity_check: about 0.1 s per
-# 200 MB), so that damage anywhere in it is found before anything is written; larger ones rely on the checks made as
-# each page is read and on the entries' checksums.
+# Before the first write of a run (and before `clip index` shows what it holds), an index up to this size is checked
+# whole (PRAGMA integrity_check: about 0.1 s per 200 MB), so that damage anywhere in it is found before anything is
+# written; larger ones rely on the checks made as each page is read and on the entries' checksums.
 CHECK_BEFORE_WRITE_BYTES = 1 << 30
 BUSY_TIMEOUT_MS = 10_000  # a concurrent run's transaction takes milliseconds; a lock held longer is a problem
 _CHUNK = 500  # host parameters per IN (...) query
@@ -192,7 +192,7 @@ class Index:
         self._con: sqlite3.Connection | None = None
         self._variants: dict[Variant, int] = {}
         self._models: dict[str, int] = {}
-        self._checked = False  # whether the file was checked whole before this run's first write
+        self._checked = False  # whether the file was checked whole in this run (_check_whole_file)
         self._wrote = False  # whether this run committed a write
         self.images_stored = 0  # image entries this run has committed
         self.read_only = False  # opened for reading only (the user may not write it): nothing is stored
