@@ -25,7 +25,7 @@ from clipcli.process import (
     eprint,
     guard_standard_streams,
     handle_errors,
-    ignore_late_signals,
+    ignore_signals,
     install_signal_handlers,
     note_kept,
     warn,
@@ -1158,7 +1158,7 @@ def main() -> None:
     try:
         app(prog_name="clipcli" if invoked.startswith("clipcli") and not invoked.endswith(".py") else "clip")
     finally:
-        ignore_late_signals()
+        ignore_signals()  # the command has ended: a Ctrl-C now, while Python shuts down, changes nothing
 
 
 if __name__ == "__main__":

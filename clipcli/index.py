@@ -278,14 +278,12 @@ class Index:
         try:
             if con.execute("PRAGMA application_id").fetchone()[0] not in (0, APPLICATION_ID):
                 raise IndexProblem("is not a clipcli index (another program's SQLite file)")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    con.execute(statement)
+            _make_tables(con)
             con.execute(f"PRAGMA application_id={APPLICATION_ID}")
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            _roll_back(con)
             raise
 
     @contextmanager
@@ -748,6 +746,13 @@ def _compact(con: sqlite3.Connection) -> None:
                              if row[2] == table])
 
 
+def _make_tables(con: sqlite3.Connection) -> None:
+    """The tables of _SCHEMA that are missing (in the caller's transaction: executescript would commit it)."""
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            con.execute(statement)
+
+
 def _roll_back(con: sqlite3.Connection) -> None:
     """Undo the open transaction, if any, while another error is on its way: a failing ROLLBACK must not hide that
     error, and a connection already closed (a transaction's generator finalised after close) has nothing to undo."""
@@ -787,9 +792,7 @@ def _upgrade(con: sqlite3.Connection) -> int:
 def _upgrade_from_1(con: sqlite3.Connection) -> int:
     for table in ("files", "image_keys", "prompt_keys", "models", "variants"):
         con.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
-    for statement in _SCHEMA.split(";"):
-        if statement.strip():
-            con.execute(statement)
+    _make_tables(con)
     for table, columns in (("models", "id, fingerprint, name, info"), ("variants", "id, model, dtype, fast_decode")):
         con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM old_{table}")  # ids kept: keys use them
     separator = os.fsencode(os.sep)

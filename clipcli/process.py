@@ -173,8 +173,7 @@ class Terminated(BaseException):
 def _on_signal(signum: int, frame: object) -> None:
     # From the first SIGINT or SIGTERM on, both are ignored: a second Ctrl-C must not cut short the cleanup of temp
     # files that the first one started (or turn it into a traceback).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_signals()
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
@@ -184,10 +183,11 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
 
 
-def ignore_late_signals() -> None:
-    """Once the command has ended (its output written, its last line said), SIGINT and SIGTERM change nothing: the
-    process exits with the command's code. Left to Python, one arriving while the interpreter shuts down (torch's
-    teardown takes a moment) killed the process by the signal after a successful run."""
+def ignore_signals() -> None:
+    """From here on, SIGINT and SIGTERM change nothing: during the cleanup the first one started, and once the
+    command has ended (its output written, its last line said), so that the process exits with the command's code.
+    Left to Python, one arriving while the interpreter shuts down (torch's teardown takes a moment) killed the
+    process by the signal after a successful run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
